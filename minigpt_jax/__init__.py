@@ -1,0 +1,1 @@
+"""minigpt_jax: a miniature character-level GPT in JAX/Flax."""

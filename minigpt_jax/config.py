@@ -1,0 +1,104 @@
+"""Shared config defaults and `validate`, which fails before anything compiles.
+
+Config files in `configs/` start from `get_config()` here and change only the
+fields that differ, so every run has every field.
+"""
+
+import ml_collections
+
+from minigpt_jax.errors import UserError
+
+MODELS = ("bigram", "gpt")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment; each field overridable on the CLI."""
+  config = ml_collections.ConfigDict()
+  config.seed = 1337  # root PRNG seed: init, batches, dropout, eval batches
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "frost"  # a name in data/corpora.json
+  config.data.path = ""  # any UTF-8 text file; wins over `corpus` when set
+  config.data.train_fraction = 0.9  # the rest is the validation split
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "gpt"  # "bigram" | "gpt"
+  config.model.block_size = 32  # context length in characters
+  config.model.n_embed = 64  # width; must divide by n_heads
+  config.model.n_heads = 4
+  config.model.n_layer = 4
+  config.model.dropout = 0.0  # on attention weights, projections, MLP out
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16
+  config.train.steps = 5000  # optimizer updates
+  config.train.learning_rate = 1e-3  # constant, as in the lecture
+  # AdamW with PyTorch's defaults, applied to every parameter as torch does.
+  config.train.beta1 = 0.9
+  config.train.beta2 = 0.999
+  config.train.eps = 1e-8
+  config.train.weight_decay = 0.01
+  config.train.eval_interval = 500  # steps between loss estimates/checkpoints
+  config.train.eval_iters = 200  # batches averaged per split per estimate
+  config.train.log_every = 50  # steps between progress-bar loss updates
+  config.train.sample_tokens = 500  # sample printed at the end (0: none)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.keep = 3  # latest checkpoints kept, plus the best one
+  return config
+
+
+def _require(ok: bool, field: str, problem: str, fix: str) -> None:
+  if not ok:
+    raise UserError(f"config.{field} {problem}; {fix}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without data; raises UserError naming the field."""
+  m, t = config.model, config.train
+  _require(m.name in MODELS, "model.name", f"is {m.name!r}",
+           f"use one of {', '.join(MODELS)}")
+  for field, value in (("model.block_size", m.block_size),
+                       ("model.n_embed", m.n_embed),
+                       ("model.n_heads", m.n_heads),
+                       ("model.n_layer", m.n_layer),
+                       ("train.batch_size", t.batch_size),
+                       ("train.steps", t.steps),
+                       ("train.eval_interval", t.eval_interval),
+                       ("train.eval_iters", t.eval_iters),
+                       ("train.log_every", t.log_every),
+                       ("checkpoint.keep", config.checkpoint.keep)):
+    _require(isinstance(value, int) and value > 0, field,
+             f"is {value!r}", "set it to a positive integer")
+  _require(m.n_embed % m.n_heads == 0, "model.n_embed",
+           f"({m.n_embed}) is not divisible by config.model.n_heads ({m.n_heads})",
+           "choose n_embed as a multiple of n_heads")
+  _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout!r}",
+           "use a rate in [0, 1)")
+  _require(t.learning_rate > 0, "train.learning_rate",
+           f"is {t.learning_rate!r}", "use a positive learning rate")
+  _require(t.weight_decay >= 0, "train.weight_decay",
+           f"is {t.weight_decay!r}", "use a non-negative weight decay")
+  _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2",
+           f"are {t.beta1!r}/{t.beta2!r}", "use values in [0, 1)")
+  _require(t.eps > 0, "train.eps", f"is {t.eps!r}", "use a small positive eps")
+  _require(t.sample_tokens >= 0, "train.sample_tokens",
+           f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
+  _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",
+           f"is {config.data.train_fraction!r}", "use a fraction in (0, 1)")
+  if not config.data.path:
+    from minigpt_jax import data  # local import: data imports nothing of ours
+    names = data.corpus_names()
+    _require(config.data.corpus in names, "data.corpus",
+             f"is {config.data.corpus!r}",
+             f"use one of {', '.join(names)} or set config.data.path to a text file")
+
+
+def validate_for_data(config: ml_collections.ConfigDict, train_len: int,
+                      val_len: int) -> None:
+  """Checks that need the split sizes: every split must hold one window."""
+  block = config.model.block_size
+  for split, length in (("train", train_len), ("val", val_len)):
+    _require(length > block, "model.block_size",
+             f"({block}) is not shorter than the {split} split ({length} characters)",
+             f"lower block_size below {length} or use a longer text")

@@ -1,0 +1,165 @@
+"""Text in, integer batches out: corpus lookup, tokenizer, split, batches.
+
+Batches are drawn on device from an explicit PRNG key, so a step's batch
+depends only on (seed, step): a resumed run sees the batches an unbroken run
+would have seen.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minigpt_jax.errors import UserError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # registry + cache
+DATA_DIR_ENV = "MINIGPT_DATA_DIR"
+
+
+@functools.cache
+def _registry() -> dict:
+  return json.loads((DATA_DIR / "corpora.json").read_text())
+
+
+def corpus_names() -> list[str]:
+  return sorted(_registry())
+
+
+def _sha256(path: Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checked(path: Path, name: str, entry: dict) -> Path:
+  digest = _sha256(path)
+  if digest != entry["sha256"]:
+    raise UserError(
+        f"corpus {name!r} at {path} has sha256 {digest[:12]}..., expected "
+        f"{entry['sha256'][:12]}...; replace it with the file from {entry['url']}")
+  return path
+
+
+def _download(url: str, dest: Path, name: str, entry: dict) -> Path:
+  """Downloads to a temp file beside `dest`, checks it, then renames atomically."""
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+  try:
+    with os.fdopen(fd, "wb") as out:
+      with urllib.request.urlopen(url, timeout=30) as response:
+        out.write(response.read())
+    digest = _sha256(Path(tmp))
+    if digest != entry["sha256"]:
+      raise UserError(
+          f"corpus {name!r} downloaded from {url} has sha256 {digest[:12]}..., "
+          f"expected {entry['sha256'][:12]}...; put the right file at {dest} "
+          f"or in ${DATA_DIR_ENV}")
+    os.replace(tmp, dest)
+    return dest
+  except (urllib.error.URLError, OSError) as e:
+    raise UserError(
+        f"could not download corpus {name!r} from {url} ({e}); put "
+        f"{entry['file']} in {dest.parent} or in a folder named by "
+        f"${DATA_DIR_ENV}") from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
+  """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache, then download."""
+  registry = _registry()
+  if name not in registry:
+    raise UserError(f"unknown corpus {name!r}; use one of {', '.join(sorted(registry))}"
+                    " or set config.data.path to a text file")
+  entry = registry[name]
+  env_dir = os.environ.get(DATA_DIR_ENV)
+  if env_dir and (Path(env_dir) / entry["file"]).is_file():
+    return _checked(Path(env_dir) / entry["file"], name, entry)
+  cached = Path(cache_dir) / entry["file"]
+  if cached.is_file():
+    return _checked(cached, name, entry)
+  return _download(entry["url"], cached, name, entry)
+
+
+def read_text(path: str | Path) -> str:
+  """Reads a UTF-8 text file, with one-line errors for the usual mistakes."""
+  path = Path(path)
+  if not path.is_file():
+    raise UserError(f"text file {path} does not exist; check config.data.path")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"text file {path} is not UTF-8 ({e.reason} at byte {e.start}); "
+                    "convert it to UTF-8") from None
+  if not text:
+    raise UserError(f"text file {path} is empty; point config.data.path at a text")
+  return text
+
+
+def load_text(config) -> tuple[str, str]:
+  """The training text of a config and a short name for logs."""
+  if config.data.path:
+    return read_text(config.data.path), str(config.data.path)
+  return read_text(resolve_corpus(config.data.corpus)), config.data.corpus
+
+
+class CharTokenizer:
+  """Character vocabulary: the sorted set of the text's characters (the lecture's)."""
+
+  def __init__(self, chars: str):
+    self.chars = chars
+    self._stoi = {c: i for i, c in enumerate(chars)}
+
+  @classmethod
+  def from_text(cls, text: str) -> "CharTokenizer":
+    return cls("".join(sorted(set(text))))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def unknown(self, text: str) -> list[str]:
+    """Characters of `text` outside the vocabulary, in order of first use."""
+    return list(dict.fromkeys(c for c in text if c not in self._stoi))
+
+  def encode(self, text: str) -> np.ndarray:
+    missing = self.unknown(text)
+    if missing:
+      raise UserError(f"text has characters outside the vocabulary: {missing!r}; "
+                      "remove them or train on a text that has them")
+    return np.fromiter((self._stoi[c] for c in text), dtype=np.int32, count=len(text))
+
+  def decode(self, ids) -> str:
+    return "".join(self.chars[int(i)] for i in ids)
+
+  def to_json(self) -> dict:
+    return {"chars": self.chars}
+
+  @classmethod
+  def from_json(cls, obj: dict) -> "CharTokenizer":
+    return cls(obj["chars"])
+
+
+def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+  """First 90% for training, the rest for validation, as in the lecture."""
+  n = int(train_fraction * len(ids))
+  return ids[:n], ids[n:]
+
+
+def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
+              block_size: int) -> tuple[jax.Array, jax.Array]:
+  """Random windows of `data_N`: inputs x_BT and targets y_BT shifted by one.
+
+  Traceable: call it inside jit with static `batch_size` and `block_size`.
+  """
+  starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - block_size)
+  offsets_T = jnp.arange(block_size + 1)
+  windows_BT1 = data_N[starts_B[:, None] + offsets_T[None, :]]
+  return windows_BT1[:, :-1], windows_BT1[:, 1:]

@@ -1,0 +1,136 @@
+"""The two language models, as pure flax.linen modules with one call signature.
+
+`model.apply({"params": p}, idx_BT, deterministic=..., rngs={"dropout": k})`
+returns logits_BTV for both. Layers follow the lecture's final gpt.py so that
+its PyTorch weights map one to one: normal(0.02) weights, zero biases,
+LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_size).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What a module needs from `config.model`, plus the corpus' vocabulary size."""
+  name: str
+  vocab_size: int
+  block_size: int
+  n_embed: int = 64
+  n_heads: int = 4
+  n_layer: int = 4
+  dropout: float = 0.0
+  dtype: str = "float32"  # compute dtype; params stay float32
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size,
+               **{k: v for k, v in model_config.items() if k in fields})
+
+
+def _dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_INIT,
+                  bias_init=nn.initializers.zeros, dtype=dtype, name=name)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with one fused q/k/v projection."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC, deterministic: bool):
+    cfg = self.cfg
+    B, T, C = x_BTC.shape
+    H, D = cfg.n_heads, C // cfg.n_heads
+    # Columns are [q | k | v], each head-major: head j of q is q[:, j*D:(j+1)*D].
+    qkv_BT3C = _dense(3 * C, "qkv", cfg.dtype, use_bias=False)(x_BTC)
+    q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D)
+                              for a in jnp.split(qkv_BT3C, 3, axis=-1))
+    scores_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD) * D ** -0.5
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    scores_BHTT = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
+    weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
+    weights_BHTT = nn.Dropout(cfg.dropout)(weights_BHTT, deterministic=deterministic)
+    y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD)
+    y_BTC = _dense(C, "proj", cfg.dtype)(y_BTHD.reshape(B, T, C))
+    return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  """The lecture's FeedForward: 4x expansion, ReLU, projection, dropout."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC, deterministic: bool):
+    C = x_BTC.shape[-1]
+    h_BTF = nn.relu(_dense(4 * C, "fc", self.cfg.dtype)(x_BTC))
+    y_BTC = _dense(C, "proj", self.cfg.dtype)(h_BTF)
+    return nn.Dropout(self.cfg.dropout)(y_BTC, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC, deterministic: bool):
+    ln = lambda name: nn.LayerNorm(epsilon=_LN_EPS, dtype=self.cfg.dtype, name=name)
+    x_BTC = x_BTC + CausalSelfAttention(self.cfg, name="attn")(ln("ln1")(x_BTC), deterministic)
+    return x_BTC + MLP(self.cfg, name="mlp")(ln("ln2")(x_BTC), deterministic)
+
+
+class GPT(nn.Module):
+  """Decoder-only transformer: token + position embeddings, blocks, LayerNorm, head."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, idx_BT, deterministic: bool = True):
+    cfg = self.cfg
+    T = idx_BT.shape[1]
+    tok_BTC = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT,
+                       name="tok_embed")(idx_BT)
+    pos_TC = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
+                      name="pos_embed")(jnp.arange(T))
+    x_BTC = (tok_BTC + pos_TC).astype(cfg.dtype)
+    for i in range(cfg.n_layer):
+      x_BTC = Block(cfg, name=f"block_{i}")(x_BTC, deterministic)
+    x_BTC = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.dtype, name="ln_f")(x_BTC)
+    return _dense(cfg.vocab_size, "lm_head", cfg.dtype)(x_BTC).astype(jnp.float32)
+
+
+class BigramLM(nn.Module):
+  """The lecture's bigram model: row `i` of a V x V table is the logits after token i."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, idx_BT, deterministic: bool = True):
+    del deterministic  # no dropout; kept for the shared call signature
+    table = nn.Embed(self.cfg.vocab_size, self.cfg.vocab_size,
+                     embedding_init=_INIT, name="table")
+    return table(idx_BT).astype(jnp.float32)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  return {"bigram": BigramLM, "gpt": GPT}[cfg.name](cfg)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy, PyTorch's F.cross_entropy."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+
+
+def init_params(model: nn.Module, key: jax.Array):
+  cfg = model.cfg
+  return model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"]
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,245 @@
+"""Train state, the jit-compiled steps, and the training loop.
+
+Randomness: one root key from `config.seed` is stored in the state; batches,
+dropout masks and evaluation batches each come from `fold_in(key, step)`, so
+they depend on the step alone and a resumed run repeats an unbroken one
+bit for bit.
+"""
+
+import functools
+import signal
+import sys
+import time
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import tqdm
+
+from minigpt_jax import checkpoint, config as config_lib, data, sampling
+from minigpt_jax.metrics import MetricsWriter
+from minigpt_jax.model import ModelConfig, build_model, count_params, cross_entropy, init_params
+
+# Streams derived from the root key; never reuse one for two purposes.
+_DATA, _DROPOUT, _EVAL, _INIT = range(4)
+
+
+def _stream(rng: jax.Array, which: int) -> jax.Array:
+  return jax.random.fold_in(rng, which)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: optimizer updates done
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array  # root PRNG key of the run
+  model_cfg: ModelConfig = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply(self, params, idx_BT, deterministic=True, dropout_key=None):
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
+    return build_model(self.model_cfg).apply(
+        {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with PyTorch's defaults, decaying every parameter as torch.optim.AdamW does."""
+  return optax.adamw(train_config.learning_rate, b1=train_config.beta1,
+                     b2=train_config.beta2, eps=train_config.eps,
+                     weight_decay=train_config.weight_decay)
+
+
+def create_train_state(config: ml_collections.ConfigDict, vocab_size: int) -> TrainState:
+  """A fresh state from `config.seed`; jit-compiled so no eager op runs per leaf."""
+  model_cfg = ModelConfig.from_config(config.model, vocab_size)
+  tx = make_optimizer(config.train)
+
+  @jax.jit
+  def init(rng):
+    params = init_params(build_model(model_cfg), _stream(rng, _INIT))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=rng, model_cfg=model_cfg, tx=tx)
+
+  return init(jax.random.PRNGKey(config.seed))
+
+
+def draw_batch(state: TrainState, data_N: jax.Array, batch_size: int, block_size: int):
+  """The training batch of `state.step`."""
+  key = jax.random.fold_in(_stream(state.rng, _DATA), state.step)
+  return data.get_batch(key, data_N, batch_size, block_size)
+
+
+def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+  """One AdamW update on batch (x_BT, y_BT); dropout keyed by the step."""
+  x_BT, y_BT = batch
+  dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
+
+  def loss_fn(params):
+    logits_BTV = state.apply(params, x_BT, deterministic=False, dropout_key=dropout_key)
+    return cross_entropy(logits_BTV, y_BT)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
+
+
+def eval_step(state: TrainState, params, batch) -> jax.Array:
+  x_BT, y_BT = batch
+  return cross_entropy(state.apply(params, x_BT), y_BT)
+
+
+def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: int,
+                  eval_iters: int) -> dict:
+  """Mean loss over `eval_iters` random batches of each split (the lecture's)."""
+  key = jax.random.fold_in(_stream(state.rng, _EVAL), state.step)
+  losses = {}
+  for i, (name, data_N) in enumerate(sorted(splits.items())):
+    split_key = jax.random.fold_in(key, i)
+
+    def add(j, total):
+      batch = data.get_batch(jax.random.fold_in(split_key, j), data_N, batch_size, block_size)
+      return total + eval_step(state, state.params, batch)
+
+    losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
+  return losses
+
+
+class _Interrupt:
+  """Turns Ctrl-C (SIGINT/SIGTERM) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+                       log=None, show_progress: bool = True) -> dict:
+  """Trains (or resumes) in `workdir`; returns the summary also written to summary.json."""
+  log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
+  start_time = time.perf_counter()
+  workdir = Path(workdir)
+
+  # -- Config and data: every user mistake is caught here, before compiling.
+  config_lib.validate(config)
+  text, corpus_name = data.load_text(config)
+  tokenizer = data.CharTokenizer.from_text(text)
+  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
+  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
+  vocab = tokenizer.to_json()
+
+  # -- Checkpoints: resume from this workdir's latest, if any.
+  workdir.mkdir(parents=True, exist_ok=True)
+  mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
+  resume_step = mngr.latest_step()
+  meta = {}
+  if resume_step is not None:
+    saved_config, saved_vocab, meta = checkpoint.restore_json(mngr, resume_step)
+    checkpoint.check_fits(saved_config, saved_vocab, config, vocab, str(workdir))
+
+  # -- State and compiled functions.
+  state = create_train_state(config, tokenizer.vocab_size)
+  if resume_step is not None:
+    state = checkpoint.restore_state(mngr, resume_step, state)
+  config_dict = config.to_dict()
+  checkpoint.write_json(workdir / "config.json", config_dict)
+  checkpoint.write_json(workdir / "vocab.json", vocab)
+  num_params = count_params(state.params)
+  B, T, steps = config.train.batch_size, config.model.block_size, config.train.steps
+  splits = {"train": jnp.asarray(train_ids), "val": jnp.asarray(val_ids)}
+  draw = jax.jit(functools.partial(draw_batch, batch_size=B, block_size=T))
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  evaluate = jax.jit(functools.partial(estimate_loss, batch_size=B, block_size=T,
+                                       eval_iters=config.train.eval_iters))
+
+  step = int(state.step)
+  writer = MetricsWriter(workdir, resume_step=step, log=log)
+  best = (meta.get("best_val_loss"), meta.get("best_step"))
+  log(f"{'resuming from step ' + str(step) if step else 'training from scratch'} in "
+      f"{workdir}: {config.model.name}, {num_params:,} params, vocab {tokenizer.vocab_size}, "
+      f"corpus {corpus_name} ({len(train_ids):,} train / {len(val_ids):,} val chars), "
+      f"{jax.default_backend()}")
+
+  def evaluate_and_save() -> dict:
+    nonlocal best, meta
+    jax.block_until_ready(state.params)  # charge pending steps to training time
+    losses = {k: float(v) for k, v in evaluate(state, splits).items()}
+    if best[0] is None or losses["val"] < best[0]:
+      best = (losses["val"], step)
+    meta = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+            "best_val_loss": best[0], "best_step": best[1]}
+    writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
+                 wall_s=round(time.perf_counter() - start_time, 2))
+    if step > 0:
+      checkpoint.save(mngr, state, config_dict, vocab, meta)
+    return meta
+
+  if step == 0:
+    evaluate_and_save()
+  # Steps/s leaves out the first step (compilation), evaluations and saves.
+  first_step, loop_start, paused_s = step, None, 0.0
+  bar = tqdm.tqdm(total=steps, initial=step, disable=not show_progress, file=sys.stderr,
+                  unit="step", dynamic_ncols=True, mininterval=0.5)
+  with _Interrupt() as interrupt:
+    while step < steps:
+      state, metrics = step_fn(state, draw(state, splits["train"]))
+      step += 1
+      if loop_start is None:
+        jax.block_until_ready(metrics)
+        loop_start = time.perf_counter()
+      if step % config.train.log_every == 0 or step == steps:
+        loss = float(metrics["loss"])
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        writer.write("train", step, loss=loss)
+      bar.update(1)
+      pause_start = time.perf_counter()
+      if step % config.train.eval_interval == 0 or step == steps:
+        evaluate_and_save()
+      elif interrupt.requested:
+        checkpoint.save(mngr, state, config_dict, vocab,
+                        {**meta, "step": step, "val_loss": None})
+      paused_s += time.perf_counter() - pause_start
+      if interrupt.requested and step < steps:
+        bar.close()
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in "
+                                f"{workdir}; rerun the same command to resume")
+  bar.close()
+  timed_steps = step - first_step - 1
+  train_time = (time.perf_counter() - loop_start - paused_s) if loop_start else 0.0
+
+  summary = {
+      "step": step,
+      "train_loss": meta.get("train_loss"),
+      "val_loss": meta.get("val_loss"),
+      "best_val_loss": best[0],
+      "best_step": best[1],
+      "wall_s": round(time.perf_counter() - start_time, 2),
+      "steps_per_s": round(timed_steps / train_time, 2) if timed_steps else None,
+      "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps else None,
+      "vocab_size": tokenizer.vocab_size,
+      "num_params": num_params,
+      "corpus": corpus_name,
+      "backend": jax.default_backend(),
+  }
+  checkpoint.write_json(workdir / "summary.json", summary)
+  mngr.close()
+  if config.train.sample_tokens:
+    generate = sampling.make_generate(state.model_cfg)
+    prompt = [[tokenizer.encode("\n")[0] if "\n" in tokenizer.chars else 0]]
+    out = generate(state.params, prompt, jax.random.PRNGKey(config.seed),
+                   config.train.sample_tokens)
+    summary["sample"] = tokenizer.decode(out[0])
+  return summary
