@@ -28,7 +28,7 @@ def write_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def manager(workdir: str | Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str | Path, keep: int = 3) -> ocp.CheckpointManager:
   """A manager keeping the `keep` latest checkpoints plus the best by val loss."""
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
@@ -37,7 +37,7 @@ def manager(workdir: str | Path, keep: int = 3, read_only: bool = False) -> ocp.
           keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, read_only=read_only,
+      preservation_policy=policy, create=True,
       enable_async_checkpointing=False)  # a save is on disk before training goes on
   return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
 
@@ -109,3 +109,36 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
     if val is not None and (best is None or val < best[0]):
       best = (val, step)
   return None if best is None else best[1]
+
+
+def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False):
+  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone."""
+  from minigpt_jax.data import CharTokenizer  # pylint: disable=import-outside-toplevel
+  from minigpt_jax.model import ModelConfig, build_model, init_params  # pylint: disable=import-outside-toplevel
+
+  if not (Path(workdir) / "checkpoints").is_dir():
+    raise UserError(f"no checkpoints in {workdir}; train first with "
+                    f"python launch/train.py --config=CONFIG --workdir={workdir}")
+  mngr = manager(workdir)
+  steps = mngr.all_steps()
+  if not steps:
+    raise UserError(f"no finished checkpoint in {workdir}; train longer (checkpoints "
+                    "are saved at every evaluation)")
+  if best:
+    step = best_step(mngr)
+    if step is None:
+      raise UserError(f"no checkpoint in {workdir} has a val loss; drop --best")
+  elif step is None:
+    step = mngr.latest_step()
+  elif step not in steps:
+    raise UserError(f"no checkpoint at step {step} in {workdir}; available steps: "
+                    f"{', '.join(map(str, steps))}")
+  config_dict, vocab, _ = restore_json(mngr, step)
+  model_cfg = ModelConfig.from_config(config_dict["model"], len(vocab["chars"]))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0))))
+  params = restore_params(mngr, step, abstract)
+  mngr.close()
+  return model_cfg, params, CharTokenizer.from_json(vocab), step

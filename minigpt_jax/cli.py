@@ -8,20 +8,51 @@ traceback. Ctrl-C ends it with status 130 after the loop has saved its work.
 import logging
 import os
 import sys
+from pathlib import Path
 
 from absl import flags
 
 from minigpt_jax.errors import UserError
 
+USER_ERROR_STATUS = 2
+
 
 def _quiet_libraries() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs through absl
   logging.getLogger("jax").setLevel(logging.WARNING)
 
 
-def _one_line(message: str) -> str:
-  return " ".join(str(message).split())
+def _fail(message) -> None:
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(USER_ERROR_STATUS)
+
+
+def _unknown_field(argv, key: str) -> str:
+  """Names the `--config.a.b=v` argument whose last part is the unknown `key`."""
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if name.startswith("--") and name.rsplit(".", 1)[-1] == key:
+      return f"{arg}: no such config field; check its spelling against the config file"
+  return f"no config field named {key!r}; check the --config.* overrides"
+
+
+def _check_config_files(argv) -> None:
+  """ml_collections defers a bad --config file's error; surface it here, in one line."""
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    filename = getattr(flag, "config_filename", None)
+    if filename is None:
+      continue
+    path = filename.split(":", 1)[0]
+    if not Path(path).is_file():
+      raise UserError(f"config file {path} does not exist; pass --{name}=configs/NAME.py")
+    try:
+      flag.value.keys()
+    except UserError:
+      raise
+    except Exception as e:  # a config file that fails to import or run
+      raise UserError(f"config file {path} could not be loaded: {e}") from None
 
 
 def run(main, argv=None) -> None:
@@ -30,14 +61,20 @@ def run(main, argv=None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     flags.FLAGS(argv)
+    _check_config_files(argv)
   except flags.Error as e:
-    sys.exit(f"error: {_one_line(e)}")
-  except UserError as e:  # a config file's get_config() may raise it
-    sys.exit(f"error: {_one_line(e)}")
+    message = str(e)
+    if "Traceback" in message:  # a config file raised: keep its final line
+      message = message.split(":", 2)[0] + ": " + message.strip().splitlines()[-1]
+    _fail(message)
+  except (AttributeError, KeyError) as e:  # --config.FIELD for a missing FIELD
+    _fail(_unknown_field(argv, str(e).strip("\"'")))
+  except UserError as e:
+    _fail(e)
   try:
     main()
   except UserError as e:
-    sys.exit(f"error: {_one_line(e)}")
+    _fail(e)
   except KeyboardInterrupt as e:
-    print(f"interrupted: {_one_line(e) or 'stopped by user'}", file=sys.stderr)
+    print(f"interrupted: {' '.join(str(e).split()) or 'stopped by user'}", file=sys.stderr)
     sys.exit(130)

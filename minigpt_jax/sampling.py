@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model
 
 
@@ -70,3 +71,27 @@ def make_generate(cfg: ModelConfig):
                      top_k=min(int(top_k), cfg.vocab_size))
 
   return generate
+
+
+def validate_request(num_tokens: int, temperature: float, top_k: int,
+                     num_samples: int = 1) -> None:
+  """One-line errors for sampling settings that cannot work."""
+  for name, value, ok, fix in (
+      ("num_tokens", num_tokens, num_tokens > 0, "a positive count"),
+      ("temperature", temperature, temperature > 0, "a positive value (1.0 samples as trained)"),
+      ("top_k", top_k, top_k >= 0, "0 (every token) or a positive k"),
+      ("num_samples", num_samples, num_samples > 0, "a positive count")):
+    if not ok:
+      raise UserError(f"--{name} is {value!r}; use {fix}")
+
+
+def encode_prompt(tokenizer, prompt: str, num_samples: int = 1):
+  """int32 [num_samples, P]; an empty prompt starts from a newline, as the lecture does."""
+  if not prompt:
+    prompt = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
+  missing = tokenizer.unknown(prompt)
+  if missing:
+    raise UserError(f"prompt has characters outside the model's vocabulary: "
+                    f"{''.join(missing)!r}; remove or replace them")
+  ids_P = tokenizer.encode(prompt)
+  return jnp.tile(jnp.asarray(ids_P)[None, :], (num_samples, 1)), prompt

@@ -47,9 +47,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """AdamW with PyTorch's defaults, decaying every parameter as torch.optim.AdamW does."""
-  return optax.adamw(train_config.learning_rate, b1=train_config.beta1,
-                     b2=train_config.beta2, eps=train_config.eps,
-                     weight_decay=train_config.weight_decay)
+  return _adamw(train_config.learning_rate, train_config.beta1, train_config.beta2,
+                train_config.eps, train_config.weight_decay)
+
+
+@functools.cache
+def _adamw(learning_rate, b1, b2, eps, weight_decay) -> optax.GradientTransformation:
+  # Cached: equal settings give the same object, so jit reuses its compilations.
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int) -> TrainState:
@@ -108,6 +113,13 @@ def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: 
   return losses
 
 
+# Compiled once per shape and config, shared by every run in the process.
+jit_train_step = jax.jit(train_step, donate_argnums=0)
+jit_draw_batch = jax.jit(draw_batch, static_argnames=("batch_size", "block_size"))
+jit_estimate_loss = jax.jit(estimate_loss,
+                            static_argnames=("batch_size", "block_size", "eval_iters"))
+
+
 class _Interrupt:
   """Turns Ctrl-C (SIGINT/SIGTERM) into a flag the loop checks between steps."""
 
@@ -160,10 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   num_params = count_params(state.params)
   B, T, steps = config.train.batch_size, config.model.block_size, config.train.steps
   splits = {"train": jnp.asarray(train_ids), "val": jnp.asarray(val_ids)}
-  draw = jax.jit(functools.partial(draw_batch, batch_size=B, block_size=T))
-  step_fn = jax.jit(train_step, donate_argnums=0)
-  evaluate = jax.jit(functools.partial(estimate_loss, batch_size=B, block_size=T,
-                                       eval_iters=config.train.eval_iters))
+  draw = functools.partial(jit_draw_batch, batch_size=B, block_size=T)
+  evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
+                               eval_iters=config.train.eval_iters)
 
   step = int(state.step)
   writer = MetricsWriter(workdir, resume_step=step, log=log)
@@ -195,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                   unit="step", dynamic_ncols=True, mininterval=0.5)
   with _Interrupt() as interrupt:
     while step < steps:
-      state, metrics = step_fn(state, draw(state, splits["train"]))
+      state, metrics = jit_train_step(state, draw(state, splits["train"]))
       step += 1
       if loop_start is None:
         jax.block_until_ready(metrics)

@@ -1,0 +1,50 @@
+"""Sample text from a trained checkpoint, without the corpus.
+
+  python launch/sample.py --workdir=runs/frost_t4 --prompt="THE PASTURE" --num_tokens=500
+
+Only the generated text (prompt included) goes to stdout, so it can be piped;
+several samples are separated by a line of dashes. Logs go to stderr.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+from minigpt_jax import checkpoint, cli, sampling  # noqa: E402
+from minigpt_jax.errors import UserError  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: a newline).")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "Characters to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest (0: all; 1: greedy).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent samples, in one batch.")
+flags.mark_flag_as_required("workdir")
+
+
+def main():
+  if _BEST.value and _STEP.value is not None:
+    raise UserError("--step and --best pick different checkpoints; pass only one")
+  sampling.validate_request(_NUM_TOKENS.value, _TEMPERATURE.value, _TOP_K.value,
+                            _NUM_SAMPLES.value)
+  model_cfg, params, tokenizer, step = checkpoint.load_for_sampling(
+      _WORKDIR.value, step=_STEP.value, best=_BEST.value)
+  prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
+  print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} characters from step {step} "
+        f"of {_WORKDIR.value}", file=sys.stderr)
+  generate = sampling.make_generate(model_cfg)
+  out_BN = generate(params, prompt_ids, jax.random.PRNGKey(_SEED.value), _NUM_TOKENS.value,
+                    _TEMPERATURE.value, _TOP_K.value)
+  texts = [prompt + tokenizer.decode(row) for row in jax.device_get(out_BN)]
+  print("\n---------------\n".join(texts))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the repo on sys.path, local corpora, and a tiny config."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_SHARED = ROOT.parent / "shared" / "corpora"
+if "MINIGPT_DATA_DIR" not in os.environ and _SHARED.is_dir():
+  os.environ["MINIGPT_DATA_DIR"] = str(_SHARED)
+# Compiled programs persist across tests and the CLI subprocesses they start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def tiny(config):
+  """Shrinks a real config to something that compiles and runs in seconds."""
+  config.model.update(block_size=16, n_embed=32, n_heads=2, n_layer=2)
+  config.train.update(batch_size=8, steps=40, eval_interval=20, eval_iters=4,
+                      log_every=10, sample_tokens=0)
+  config.checkpoint.keep = 2
+  return config
+
+
+@pytest.fixture
+def tiny_config():
+  """configs/frost_cpu.py on frost, shrunk: 2 layers, width 32, 40 steps."""
+  from configs import frost_cpu
+  return tiny(frost_cpu.get_config())

@@ -1,0 +1,146 @@
+"""Tests for minigpt_jax.config and the experiment files in configs/."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from minigpt_jax import config as config_lib
+from minigpt_jax.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(p for p in CONFIGS.glob("*.py") if p.name != "__init__.py")
+
+
+def _load(name: str):
+  """get_config() of configs/<name>.py, skipping the test if the file is absent."""
+  path = CONFIGS / f"{name}.py"
+  if not path.is_file():
+    pytest.skip(f"{path} does not exist yet")
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_config_files_found():
+  """The glob below must not silently parametrize over nothing."""
+  assert "frost_cpu" in [p.stem for p in CONFIG_FILES]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_file_validates(path):
+  """A shipped config that fails validation would fail before training starts."""
+  config = _load(path.stem)
+  config_lib.validate(config)
+  # Every file starts from the shared defaults, so it has every field.
+  base = config_lib.get_config()
+  for section in ("data", "model", "train", "checkpoint"):
+    assert set(config[section].keys()) == set(base[section].keys()), section
+
+
+def _check(config, section: str, **expected):
+  got = {k: config[section][k] for k in expected}
+  assert got == expected
+
+
+def test_frost_t4_is_the_seed_notebook():
+  config = _load("frost_t4")
+  assert config.data.corpus == "frost"
+  _check(config, "model", name="gpt", block_size=128, n_embed=256, n_heads=4,
+         n_layer=4, dropout=0.2)
+  _check(config, "train", batch_size=64, learning_rate=3e-4, steps=5000,
+         eval_interval=500, eval_iters=200)
+
+
+def test_frost_cpu_is_the_lecture_cpu_size():
+  config = _load("frost_cpu")
+  assert config.data.corpus == "frost"
+  _check(config, "model", name="gpt", block_size=32, n_embed=64, n_heads=4,
+         n_layer=4, dropout=0.0)
+  _check(config, "train", batch_size=16, learning_rate=1e-3, steps=5000)
+
+
+def test_bigram_is_the_lecture_bigram():
+  config = _load("bigram")
+  _check(config, "model", name="bigram", block_size=8)
+  _check(config, "train", batch_size=32, learning_rate=1e-2, steps=3000,
+         eval_interval=300)
+
+
+def test_shakespeare_char_is_the_lecture_gpt():
+  config = _load("shakespeare_char")
+  assert config.data.corpus == "shakespeare"
+  _check(config, "model", name="gpt", block_size=256, n_embed=384, n_heads=6,
+         n_layer=6, dropout=0.2)
+  _check(config, "train", batch_size=64, learning_rate=3e-4, steps=5000)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_adamw_is_pytorch_default(path):
+  """torch.optim.AdamW's defaults, so results compare with the PyTorch reference."""
+  config = _load(path.stem)
+  _check(config, "train", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+
+
+def test_defaults_validate():
+  config_lib.validate(config_lib.get_config())
+
+
+def _invalid(**changes):
+  """The default config with `section.field=value` changes applied."""
+  config = config_lib.get_config()
+  for dotted, value in changes.items():
+    section, field = dotted.split("__")
+    config[section][field] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"model__n_embed": 65}, ["model.n_embed", "n_heads"]),
+    ({"model__n_embed": 64, "model__n_heads": 3}, ["model.n_embed", "n_heads"]),
+    ({"model__block_size": 0}, ["model.block_size"]),
+    ({"train__batch_size": -1}, ["train.batch_size"]),
+    ({"model__n_layer": 0}, ["model.n_layer"]),
+    ({"model__n_heads": 0}, ["model.n_heads"]),
+    ({"data__corpus": "nope"}, ["data.corpus", "'nope'", "frost"]),
+    ({"model__name": "lstm"}, ["model.name", "'lstm'", "bigram", "gpt"]),
+    ({"model__dropout": 1.0}, ["model.dropout"]),
+    ({"model__dropout": -0.1}, ["model.dropout"]),
+    ({"train__learning_rate": 0.0}, ["train.learning_rate"]),
+    ({"data__train_fraction": 1.0}, ["data.train_fraction"]),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else None)
+def test_validate_names_the_field(changes, words):
+  """The launcher prints the message as one `error:` line, so it must name the field."""
+  with pytest.raises(UserError) as e:
+    config_lib.validate(_invalid(**changes))
+  msg = str(e.value)
+  for word in words:
+    assert word in msg, (word, msg)
+  assert "\n" not in msg
+
+
+def test_unknown_corpus_is_fine_with_path():
+  """data.path wins over data.corpus, so the corpus name is not checked."""
+  config = _invalid(data__corpus="nope", data__path="/some/file.txt")
+  config_lib.validate(config)
+
+
+@pytest.mark.parametrize("block, ok", [(99, True), (100, False), (150, False)])
+def test_validate_for_data_block_vs_val_split(block, ok):
+  """Each split must hold at least one window of block_size + 1 characters."""
+  config = _invalid(model__block_size=block)
+  if ok:
+    config_lib.validate_for_data(config, train_len=900, val_len=100)
+    return
+  with pytest.raises(UserError) as e:
+    config_lib.validate_for_data(config, train_len=900, val_len=100)
+  msg = str(e.value)
+  assert "model.block_size" in msg and "val" in msg and "100" in msg
+  assert "\n" not in msg
+
+
+def test_validate_for_data_checks_train_split_too():
+  config = _invalid(model__block_size=50)
+  with pytest.raises(UserError, match=r"model\.block_size.*train split"):
+    config_lib.validate_for_data(config, train_len=50, val_len=1000)

@@ -1,0 +1,179 @@
+"""Tests for minigpt_jax.model: shapes, parameter count, causality, init, dtypes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minigpt_jax.model import (ModelConfig, build_model, count_params, cross_entropy,
+                               init_params)
+
+V = 65  # tiny Shakespeare's vocabulary, the lecture's
+
+
+def _tiny(name, **kw):
+  kw = {"vocab_size": V, "block_size": 8, "n_embed": 32, "n_heads": 2, "n_layer": 2,
+        **kw}
+  return ModelConfig(name, **kw)
+
+
+def _setup(cfg, seed=0):
+  model = build_model(cfg)
+  return model, jax.jit(init_params, static_argnums=0)(model, jax.random.key(seed))
+
+
+def _apply(model, **kw):
+  """A compiled `model.apply({"params": p}, idx_BT, **kw)`: eager flax is slow."""
+  return jax.jit(lambda p, idx_BT: model.apply({"params": p}, idx_BT, **kw))
+
+
+def _tokens(key, B, T, vocab=V):
+  return jax.random.randint(key, (B, T), 0, vocab, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt"])
+def test_output_shape(name):
+  """Both models share one call signature and return float32 logits_BTV."""
+  cfg = _tiny(name)
+  model, params = _setup(cfg)
+  for T in (1, cfg.block_size):
+    idx_BT = _tokens(jax.random.key(1), 3, T)
+    logits_BTV = model.apply({"params": params}, idx_BT, deterministic=True)
+    assert logits_BTV.shape == (3, T, V)
+    assert logits_BTV.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits_BTV)))
+
+
+def test_lecture_cpu_model_param_count():
+  """The lecture prints 0.209729 M parameters for its CPU-sized gpt.py."""
+  cfg = ModelConfig("gpt", vocab_size=65, block_size=32, n_embed=64, n_heads=4,
+                    n_layer=4)
+  model = build_model(cfg)
+  params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
+  assert count_params(params) == 209_729
+
+
+def test_bigram_param_count():
+  _, params = _setup(ModelConfig("bigram", vocab_size=65, block_size=8))
+  assert count_params(params) == 65 * 65
+
+
+def _causality_check(apply_fn, params, cfg):
+  idx_BT = _tokens(jax.random.key(2), 2, cfg.block_size)
+  base_BTV = np.asarray(apply_fn(params, idx_BT))
+  for t in range(cfg.block_size):
+    changed_BT = idx_BT.at[:, t].set((idx_BT[:, t] + 1) % V)
+    new_BTV = np.asarray(apply_fn(params, changed_BT))
+    # The past must be bitwise unaffected by a future token.
+    np.testing.assert_array_equal(new_BTV[:, :t], base_BTV[:, :t])
+    # ...and every position from t on does see it (sanity: the check can fail).
+    for s in range(t, cfg.block_size):
+      assert np.abs(new_BTV[:, s] - base_BTV[:, s]).max() > 1e-6, (t, s)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_gpt_is_causal(jit):
+  """Changing token t never changes logits before t, eagerly or compiled."""
+  cfg = _tiny("gpt")
+  model, params = _setup(cfg)
+  apply_fn = lambda p, idx_BT: model.apply({"params": p}, idx_BT, deterministic=True)
+  if jit:
+    apply_fn = jax.jit(apply_fn)
+  _causality_check(apply_fn, params, cfg)
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt"])
+def test_initial_loss_near_ln_vocab(name):
+  """Small normal(0.02) init gives near-uniform predictions: loss about ln(65) = 4.17."""
+  cfg = _tiny(name)
+  model, params = _setup(cfg)
+  kx, ky = jax.random.split(jax.random.key(3))
+  x_BT, y_BT = _tokens(kx, 16, cfg.block_size), _tokens(ky, 16, cfg.block_size)
+  loss = float(cross_entropy(_apply(model, deterministic=True)(params, x_BT), y_BT))
+  assert abs(loss - math.log(V)) < 0.1, loss
+
+
+def test_cross_entropy_matches_manual():
+  """Mean of -log softmax at the target, as F.cross_entropy computes it."""
+  logits_BTV = jax.random.normal(jax.random.key(4), (2, 3, 5))
+  targets_BT = jnp.array([[0, 1, 4], [2, 2, 3]], jnp.int32)
+  logp_BTV = np.asarray(jax.nn.log_softmax(logits_BTV, axis=-1))
+  expected = -np.mean(np.take_along_axis(logp_BTV, np.asarray(targets_BT)[..., None],
+                                         axis=-1))
+  np.testing.assert_allclose(float(cross_entropy(logits_BTV, targets_BT)), expected,
+                             rtol=1e-6)
+
+
+def test_dropout_uses_key_only_in_training():
+  """Training draws dropout masks from the key; evaluation ignores dropout."""
+  cfg = _tiny("gpt", dropout=0.2)
+  model, params = _setup(cfg)
+  idx_BT = _tokens(jax.random.key(5), 2, cfg.block_size)
+  train_fn = jax.jit(lambda k: model.apply({"params": params}, idx_BT,
+                                           deterministic=False,
+                                           rngs={"dropout": jax.random.key(k)}))
+  train = lambda k: train_fn(k)
+  a_BTV, a2_BTV, b_BTV = train(0), train(0), train(1)
+  np.testing.assert_array_equal(a_BTV, a2_BTV)
+  assert np.abs(np.asarray(a_BTV - b_BTV)).max() > 1e-4
+
+  eval_BTV = model.apply({"params": params}, idx_BT, deterministic=True)
+  eval_rng_BTV = model.apply({"params": params}, idx_BT, deterministic=True,
+                             rngs={"dropout": jax.random.key(9)})
+  np.testing.assert_array_equal(eval_BTV, eval_rng_BTV)
+  assert np.abs(np.asarray(eval_BTV - a_BTV)).max() > 1e-4
+  # With dropout 0 the same weights give the same eval logits.
+  model0 = build_model(_tiny("gpt", dropout=0.0))
+  np.testing.assert_array_equal(
+      model0.apply({"params": params}, idx_BT, deterministic=True), eval_BTV)
+
+
+def test_init_matches_lecture():
+  """normal(0.02) kernels and embeddings, zero biases, LayerNorm scale one."""
+  cfg = _tiny("gpt", n_embed=128, n_heads=4)
+  _, params = _setup(cfg)
+  flat = {"/".join(k.key for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(params)}
+  biases = [k for k in flat if k.endswith("/bias")]
+  scales = [k for k in flat if k.endswith("/scale")]
+  kernels = [k for k in flat if k.endswith("/kernel") or k.endswith("/embedding")]
+  assert biases and scales and kernels
+  assert len(biases) + len(scales) + len(kernels) == len(flat)
+  for k in biases:
+    assert np.all(flat[k] == 0), k
+  for k in scales:
+    assert np.all(flat[k] == 1), k
+  # ln1, ln2 per block plus ln_f, each with scale and bias.
+  assert len(scales) == 2 * cfg.n_layer + 1
+  for k in kernels:
+    assert flat[k].dtype == np.float32
+    if flat[k].size >= 10_000:
+      assert abs(flat[k].std() - 0.02) < 0.001, (k, flat[k].std())
+      assert abs(flat[k].mean()) < 0.001, k
+  mlp_fc = flat["block_0/mlp/fc/kernel"]
+  assert mlp_fc.shape == (128, 512)
+  assert abs(mlp_fc.std() - 0.02) < 0.0005
+
+
+@pytest.mark.parametrize("name", ["bigram", "gpt"])
+def test_bfloat16_compute(name):
+  """bf16 compute keeps float32 params and returns float32 logits close to f32's."""
+  cfg16 = _tiny(name, dtype="bfloat16")
+  model16, params = _setup(cfg16)
+  for leaf in jax.tree_util.tree_leaves(params):
+    assert leaf.dtype == jnp.float32
+  idx_BT = _tokens(jax.random.key(6), 2, cfg16.block_size)
+  logits16_BTV = _apply(model16, deterministic=True)(params, idx_BT)
+  assert logits16_BTV.dtype == jnp.float32
+  assert logits16_BTV.shape == (2, cfg16.block_size, V)
+  assert bool(jnp.all(jnp.isfinite(logits16_BTV)))
+  logits32_BTV = _apply(build_model(_tiny(name)), deterministic=True)(params, idx_BT)
+  np.testing.assert_allclose(logits16_BTV, logits32_BTV, atol=0.05)
+  # Gradients reach float32 params through the bf16 computation.
+  loss = lambda p: cross_entropy(model16.apply({"params": p}, idx_BT), idx_BT)
+  grads = jax.jit(jax.grad(loss))(params)
+  for g in jax.tree_util.tree_leaves(grads):
+    assert g.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(g)))

@@ -1,0 +1,86 @@
+"""The train step and loop: learning, determinism, resume, no recompilation."""
+
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+
+from minigpt_jax import checkpoint, data, train
+
+
+def _leaves_equal(a, b) -> bool:
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _evals(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def test_loss_falls_well_below_its_start_on_frost(tiny_config, tmp_path):
+  tiny_config.train.update(steps=300, eval_interval=150, eval_iters=20)
+  summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  first = _evals(tmp_path)[0]
+  assert abs(first["val_loss"] - math.log(summary["vocab_size"])) < 0.1
+  assert summary["val_loss"] < first["val_loss"] - 1.2, summary
+  assert summary["train_loss"] < 2.8
+
+
+def test_summary_has_the_documented_fields(tiny_config, tmp_path):
+  summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  written = json.loads((tmp_path / "summary.json").read_text())
+  for field in ("step", "train_loss", "val_loss", "best_val_loss", "best_step", "wall_s",
+                "steps_per_s", "vocab_size", "num_params"):
+    assert written[field] is not None, field
+  assert written["step"] == tiny_config.train.steps == summary["step"]
+  assert written["best_val_loss"] <= written["val_loss"]
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["n_embed"] == 32
+  assert "chars" in json.loads((tmp_path / "vocab.json").read_text())
+
+
+def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_config, tmp_path):
+  tiny_config.model.dropout = 0.1  # dropout keys must be reproducible too
+  runs = []
+  for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+    tiny_config.seed = seed
+    train.train_and_evaluate(tiny_config, tmp_path / name, show_progress=False)
+    runs.append([(r["step"], r["train_loss"], r["val_loss"]) for r in _evals(tmp_path / name)])
+  assert runs[0] == runs[1]
+  assert runs[0] != runs[2]
+
+
+def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_config, tmp_path):
+  tiny_config.model.dropout = 0.1
+  train.train_and_evaluate(tiny_config, tmp_path / "unbroken", show_progress=False)
+  tiny_config.train.steps = 20  # stop half way, then rerun with the full length
+  train.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
+  tiny_config.train.steps = 40
+  train.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
+  assert _evals(tmp_path / "resumed") == [
+      {**r, "wall_s": s["wall_s"]} for r, s in zip(_evals(tmp_path / "unbroken"),
+                                                    _evals(tmp_path / "resumed"))]
+  vocab_size = len(json.loads((tmp_path / "unbroken" / "vocab.json").read_text())["chars"])
+  template = train.create_train_state(tiny_config, vocab_size)
+  states = [checkpoint.restore_state(checkpoint.manager(tmp_path / name), 40, template)
+            for name in ("unbroken", "resumed")]
+  assert _leaves_equal(states[0], states[1])
+
+
+def test_train_step_compiles_once(tiny_config):
+  text = data.read_text(data.resolve_corpus("frost"))
+  tokenizer = data.CharTokenizer.from_text(text)
+  ids = jax.numpy.asarray(tokenizer.encode(text))
+  state = train.create_train_state(tiny_config, tokenizer.vocab_size)
+  step_fn = jax.jit(train.train_step, donate_argnums=0)
+  draw = jax.jit(functools.partial(train.draw_batch, batch_size=8, block_size=16))
+  losses, cache_sizes = [], []
+  for _ in range(5):
+    state, metrics = step_fn(state, draw(state, ids))
+    losses.append(float(metrics["loss"]))
+    cache_sizes.append((step_fn._cache_size(), draw._cache_size()))
+  # jit caches are shared by every jit of the same function: count growth only.
+  assert cache_sizes[1:] == cache_sizes[:1] * 4
+  assert int(state.step) == 5 and len(set(losses)) == 5
