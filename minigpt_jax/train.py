@@ -186,7 +186,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   def evaluate_and_save() -> dict:
     nonlocal best, meta
-    jax.block_until_ready(state.params)  # charge pending steps to training time
     losses = {k: float(v) for k, v in evaluate(state, splits).items()}
     if best[0] is None or losses["val"] < best[0]:
       best = (losses["val"], step)
@@ -200,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   if step == 0:
     evaluate_and_save()
+  elif step >= steps:
+    log(f"already at step {step} of {steps}; raise --config.train.steps to train longer")
   # Steps/s leaves out the first step (compilation), evaluations and saves.
   first_step, loop_start, paused_s = step, None, 0.0
   bar = tqdm.tqdm(total=steps, initial=step, disable=not show_progress, file=sys.stderr,
@@ -216,13 +217,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         writer.write("train", step, loss=loss)
       bar.update(1)
-      pause_start = time.perf_counter()
-      if step % config.train.eval_interval == 0 or step == steps:
-        evaluate_and_save()
-      elif interrupt.requested:
-        checkpoint.save(mngr, state, config_dict, vocab,
-                        {**meta, "step": step, "val_loss": None})
-      paused_s += time.perf_counter() - pause_start
+      eval_due = step % config.train.eval_interval == 0 or step == steps
+      if eval_due or interrupt.requested:
+        jax.block_until_ready(state)  # steps still running count as training time
+        pause_start = time.perf_counter()
+        if eval_due:
+          evaluate_and_save()
+        else:
+          checkpoint.save(mngr, state, config_dict, vocab,
+                          {**meta, "step": step, "val_loss": None})
+        paused_s += time.perf_counter() - pause_start
       if interrupt.requested and step < steps:
         bar.close()
         raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in "
@@ -238,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "best_val_loss": best[0],
       "best_step": best[1],
       "wall_s": round(time.perf_counter() - start_time, 2),
-      "steps_per_s": round(timed_steps / train_time, 2) if timed_steps else None,
-      "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps else None,
+      "steps_per_s": round(timed_steps / train_time, 2) if timed_steps > 0 else None,
+      "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps > 0 else None,
       "vocab_size": tokenizer.vocab_size,
       "num_params": num_params,
       "corpus": corpus_name,

@@ -41,6 +41,14 @@ def test_summary_has_the_documented_fields(tiny_config, tmp_path):
   assert "chars" in json.loads((tmp_path / "vocab.json").read_text())
 
 
+def test_rerunning_a_finished_run_trains_nothing(tiny_config, tmp_path):
+  first = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  again = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  for field in ("step", "train_loss", "val_loss", "best_val_loss", "best_step"):
+    assert again[field] == first[field], field
+  assert len(_evals(tmp_path)) == 3  # steps 0, 20, 40: none repeated
+
+
 def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_config, tmp_path):
   tiny_config.model.dropout = 0.1  # dropout keys must be reproducible too
   runs = []
