@@ -14,7 +14,9 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
+from minigpt_jax.model import ModelConfig, build_model, init_params
 
 # Fields of config.model that fix parameter shapes or the computation.
 _MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer")
@@ -113,9 +115,6 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
 
 def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False):
   """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone."""
-  from minigpt_jax.data import CharTokenizer  # pylint: disable=import-outside-toplevel
-  from minigpt_jax.model import ModelConfig, build_model, init_params  # pylint: disable=import-outside-toplevel
-
   if not (Path(workdir) / "checkpoints").is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first with "
                     f"python launch/train.py --config=CONFIG --workdir={workdir}")

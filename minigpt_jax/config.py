@@ -6,6 +6,7 @@ fields that differ, so every run has every field.
 
 import ml_collections
 
+from minigpt_jax import data
 from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
@@ -87,7 +88,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",
            f"is {config.data.train_fraction!r}", "use a fraction in (0, 1)")
   if not config.data.path:
-    from minigpt_jax import data  # local import: data imports nothing of ours
     names = data.corpus_names()
     _require(config.data.corpus in names, "data.corpus",
              f"is {config.data.corpus!r}",

@@ -253,8 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   mngr.close()
   if config.train.sample_tokens:
     generate = sampling.make_generate(state.model_cfg)
-    prompt = [[tokenizer.encode("\n")[0] if "\n" in tokenizer.chars else 0]]
-    out = generate(state.params, prompt, jax.random.PRNGKey(config.seed),
+    prompt_ids, _ = sampling.encode_prompt(tokenizer, "")
+    out = generate(state.params, prompt_ids, jax.random.PRNGKey(config.seed),
                    config.train.sample_tokens)
     summary["sample"] = tokenizer.decode(out[0])
   return summary
