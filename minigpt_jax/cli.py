@@ -37,7 +37,7 @@ def _unknown_field(argv, key: str) -> str:
   return f"no config field named {key!r}; check the --config.* overrides"
 
 
-def _check_config_files(argv) -> None:
+def _check_config_files() -> None:
   """ml_collections defers a bad --config file's error; surface it here, in one line."""
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
@@ -61,7 +61,7 @@ def run(main, argv=None) -> None:
   argv = sys.argv if argv is None else argv
   try:
     flags.FLAGS(argv)
-    _check_config_files(argv)
+    _check_config_files()
   except flags.Error as e:
     message = str(e)
     if "Traceback" in message:  # a config file raised: keep its final line

@@ -39,8 +39,3 @@ class MetricsWriter:
       f.write(json.dumps(record) + "\n")
     if kind == "eval":
       self.log(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
-
-  def records(self, kind: str | None = None) -> list[dict]:
-    lines = self.path.read_text().splitlines() if self.path.exists() else []
-    records = [json.loads(line) for line in lines]
-    return [r for r in records if kind is None or r["kind"] == kind]
