@@ -20,7 +20,7 @@ class MetricsWriter:
     self.path = Path(workdir) / "metrics.jsonl"
     self.log = log or (lambda line: print(line, file=sys.stderr))
     kept = []
-    if self.path.exists():
+    if resume_step > 0 and self.path.exists():  # a fresh run starts a fresh file
       for line in self.path.read_text().splitlines():
         try:
           record = json.loads(line)
@@ -28,8 +28,6 @@ class MetricsWriter:
           continue  # a line cut short by a kill
         if record.get("step", 0) <= resume_step:
           kept.append(line)
-    if resume_step == 0:
-      kept = []
     self.path.write_text("".join(line + "\n" for line in kept))
 
   def write(self, kind: str, step: int, **scalars) -> None:
