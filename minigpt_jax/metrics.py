@@ -1,24 +1,52 @@
-"""The one place metrics go: a log line on stderr and `metrics.jsonl` in the workdir.
+"""The one place metrics go: a log line, `metrics.jsonl` and TensorBoard events.
 
-A resumed run drops the records past its checkpoint's step before appending,
-so the file never holds a step twice and never loses one.
+All three live in the workdir. A resumed run drops the JSON records past its
+checkpoint's step before appending, so the file never holds a step twice and
+never loses one; its TensorBoard events file starts with a purge marker at the
+step after the checkpoint, so TensorBoard hides the points the killed run wrote
+past it. A fresh run starts both afresh. TensorBoard events are written by
+tensorboardX, which needs no TensorFlow.
 """
 
+import itertools
 import json
+import os
 import sys
 from pathlib import Path
+
+EVENTS_GLOB = "events.out.tfevents.*"
+_writers_made = itertools.count()  # orders the events files of one process and second
 
 
 def _fmt(value) -> str:
   return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-class MetricsWriter:
-  """Appends one JSON object per record; prints evaluation records as log lines."""
+def _is_scalar(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-  def __init__(self, workdir: str | Path, resume_step: int = 0, log=None):
+
+def _as_code_block(text: str) -> str:
+  """TensorBoard renders text as Markdown; an indented block keeps newlines and spaces."""
+  return "\n".join("    " + line for line in text.splitlines()) or "    (empty)"
+
+
+class MetricsWriter:
+  """Appends one JSON object per record; prints evaluation records as log lines.
+
+  Every numeric field of a record also goes to TensorBoard as `<kind>/<field>`
+  (e.g. `train/loss`, `eval/val_loss`). With `enabled=False` (any process but
+  the first of a multi-process run) nothing is written, printed or deleted.
+  """
+
+  def __init__(self, workdir: str | Path, resume_step: int = 0, log=None,
+               enabled: bool = True):
+    self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self.log = log or (lambda line: print(line, file=sys.stderr))
+    self._tb = None
+    if not enabled:
+      return
     kept = []
     if resume_step > 0 and self.path.exists():  # a fresh run starts a fresh file
       for line in self.path.read_text().splitlines():
@@ -28,12 +56,52 @@ class MetricsWriter:
           continue  # a line cut short by a kill
         if record.get("step", 0) <= resume_step:
           kept.append(line)
+    elif resume_step == 0:
+      for old in Path(workdir).glob(EVENTS_GLOB):
+        old.unlink()
     self.path.write_text("".join(line + "\n" for line in kept))
 
+    from tensorboardX import SummaryWriter  # imported here: it is slow to import
+
+    # Records up to resume_step were kept, so the purge starts one step later.
+    # Name order is TensorBoard's read order: timestamp, host, then this suffix.
+    self._tb = SummaryWriter(
+        str(workdir), purge_step=resume_step + 1 if resume_step > 0 else None,
+        flush_secs=30, filename_suffix=f".{os.getpid()}.{next(_writers_made):04d}")
+
   def write(self, kind: str, step: int, **scalars) -> None:
-    """`kind` is "eval" (printed) or "train" (file only)."""
+    """`kind` is "eval" (printed, flushed at once) or "train" (file only)."""
+    if not self.enabled:
+      return
     record = {"kind": kind, "step": step, **scalars}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
+    for name, value in scalars.items():
+      if _is_scalar(value):  # NaN included: a diverging run should show
+        self._tb.add_scalar(f"{kind}/{name}", value, step)
     if kind == "eval":
+      self._tb.flush()
       self.log(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+
+  def write_text(self, tag: str, step: int, text: str) -> None:
+    """Text for TensorBoard's Text tab (a sample, the config), kept verbatim."""
+    if self.enabled:
+      self._tb.add_text(tag, _as_code_block(text), step)
+      self._tb.flush()
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the events file; later writes are ignored."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self.enabled = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
