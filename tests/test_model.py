@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax.model import (ModelConfig, build_model, count_params, cross_entropy,
+from minigpt_jax.model import (Dropout, ModelConfig, build_model, count_params, cross_entropy,
                                init_params)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
@@ -128,6 +128,20 @@ def test_dropout_uses_key_only_in_training():
   model0 = build_model(_tiny("gpt", dropout=0.0))
   np.testing.assert_array_equal(
       model0.apply({"params": params}, idx_BT, deterministic=True), eval_BTV)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
+  """16-bit masks: the dropped fraction is the rate; kept values are scaled up."""
+  x_NM = jnp.ones((512, 333))  # odd width: the last 16-bit half of a word is unused
+  y_NM = Dropout(rate).apply({}, x_NM, deterministic=False,
+                             rngs={"dropout": jax.random.key(0)})
+  dropped = float((y_NM == 0).mean())
+  assert abs(dropped - rate) < 0.005
+  assert abs(float(y_NM.mean()) - 1.0) < 0.01
+  np.testing.assert_allclose(np.unique(np.asarray(y_NM)), [0.0, 1 / (1 - rate)], rtol=1e-4)
+  # Columns come from different bits: no two columns share a mask.
+  assert not np.array_equal(np.asarray(y_NM[:, 0]), np.asarray(y_NM[:, 1]))
 
 
 def test_init_matches_lecture():
