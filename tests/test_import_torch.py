@@ -1,7 +1,10 @@
-"""PyTorch weights mapped onto our params: same logits, errors naming the tensor."""
+"""PyTorch weights imported: same logits, same greedy text, one-line errors."""
 
 import dataclasses
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import bigram as bigram_config, frost_cpu
-from minigpt_jax import torch_import
+from minigpt_jax import checkpoint, torch_import
 from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
@@ -18,10 +21,14 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
+ROOT = Path(__file__).resolve().parents[1]
 TORCH_REF = Path(__file__).resolve().parents[2] / "shared/bench/torch_ref.py"
 TEXT = "Whose woods these are I think I know.\nHis house is in the village though;\n"
 TOKENIZER = CharTokenizer.from_text(TEXT)
 V, T, C, H, L = TOKENIZER.vocab_size, 16, 32, 2, 2
+SIZES = [f"--config.model.block_size={T}", f"--config.model.n_embed={C}",
+         f"--config.model.n_heads={H}", f"--config.model.n_layer={L}"]
+PROMPT = "the "
 
 
 # -- The lecture's gpt.py and bigram.py, at the tiny size (their names, our indent).
@@ -145,6 +152,16 @@ def _numpy(model):
   return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
+def _torch_greedy(forward, block_size, prompt, num_tokens):
+  """The lecture's generate with argmax: crop to block_size, take the last logits."""
+  idx = torch.from_numpy(TOKENIZER.encode(prompt)).long()[None, :]
+  with torch.no_grad():
+    for _ in range(num_tokens):
+      next_id = forward(idx[:, -block_size:])[:, -1, :].argmax(dim=-1, keepdim=True)
+      idx = torch.cat((idx, next_id), dim=1)
+  return TOKENIZER.decode(idx[0].tolist())
+
+
 def _logits_diff(kind, forward, params, cfg):
   idx_BT = np.random.default_rng(0).integers(0, V, size=(3, cfg.block_size))
   with torch.no_grad():
@@ -162,6 +179,43 @@ def test_imported_params_give_torchs_logits(kind):
   shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
   assert shapes(params) == shapes(fresh)
   assert _logits_diff(kind, forward, params, cfg) < 1e-4
+
+
+def _cli(script, *args, check=True):
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+  return result
+
+
+def _files(tmp_path, model):
+  """The state_dict as torch.save writes it, the text, and its vocab.json."""
+  pt, text, vocab = tmp_path / "model.pt", tmp_path / "input.txt", tmp_path / "vocab.json"
+  torch.save(model.state_dict(), pt)
+  text.write_text(TEXT)
+  vocab.write_text(json.dumps(TOKENIZER.to_json()))
+  return pt, text, vocab
+
+
+@pytest.mark.parametrize("kind,vocab_flag", [("lecture", "text"), ("fused", "vocab"),
+                                             ("bigram", "text")])
+def test_imported_workdir_samples_torchs_greedy_text(kind, vocab_flag, tmp_path):
+  forward, model = _torch_model(kind)
+  pt, text, vocab = _files(tmp_path, model)
+  workdir = tmp_path / "imported"
+  config = "configs/bigram.py" if kind == "bigram" else "configs/frost_cpu.py"
+  sizes = [] if kind == "bigram" else SIZES
+  source = f"--text={text}" if vocab_flag == "text" else f"--vocab={vocab}"
+  _cli("import_torch.py", f"--state_dict={pt}", source, f"--config={config}", *sizes,
+       f"--workdir={workdir}")
+  assert json.loads((workdir / "vocab.json").read_text()) == TOKENIZER.to_json()
+  cfg, params, _, step = checkpoint.load_for_sampling(workdir)
+  assert step == 0 and _logits_diff(kind, forward, params, cfg) < 1e-4
+  num_tokens = cfg.block_size - len(PROMPT)  # never past the window: no crop policy differs
+  result = _cli("sample.py", f"--workdir={workdir}", f"--prompt={PROMPT}",
+                f"--num_tokens={num_tokens}", "--top_k=1")
+  assert result.stdout == _torch_greedy(forward, cfg.block_size, PROMPT, num_tokens) + "\n"
 
 
 @pytest.mark.parametrize("change,needles", [
@@ -192,3 +246,34 @@ def test_only_the_mask_buffers_are_ignored():
   torch_import.convert(compiled, _model_cfg("lecture"))
   with pytest.raises(UserError, match="neither token_embedding_table.weight"):
     torch_import.convert({"weight": np.zeros(3)}, _model_cfg("lecture"))
+
+
+def _one_line_error(result, *needles):
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_import_cli_errors_are_one_line(tmp_path):
+  _, model = _torch_model("lecture")
+  pt, text, vocab = _files(tmp_path, model)
+  args = ["--config=configs/frost_cpu.py", *SIZES, f"--workdir={tmp_path / 'w'}"]
+  cases = [
+      ([f"--state_dict={pt}", f"--text={text}", "--config.model.n_embed=64"],
+       ["'token_embedding_table.weight'", f"[{V}, 32]", f"[{V}, 64]"]),
+      ([f"--state_dict={pt}", f"--text={text}", f"--vocab={vocab}"], ["exactly one of"]),
+      ([f"--state_dict={pt}"], ["exactly one of"]),
+      ([f"--state_dict={tmp_path / 'missing.pt'}", f"--text={text}"],
+       ["missing.pt does not exist"]),
+      ([f"--state_dict={pt}", f"--text={tmp_path / 'missing.txt'}"],
+       ["missing.txt does not exist"]),
+      ([f"--state_dict={text}", f"--text={text}"], ["cannot read", "state_dict()"]),
+  ]
+  for extra, needles in cases:
+    _one_line_error(_cli("import_torch.py", *args, *extra, check=False), *needles)
+  assert not (tmp_path / "w").exists()  # no error leaves a half-made workdir
+  _cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}")
+  _one_line_error(_cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}",
+                       check=False), "already holds checkpoints")
