@@ -1,0 +1,279 @@
+"""PyTorch weights imported: same logits, same greedy text, one-line errors."""
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import bigram as bigram_config, frost_cpu
+from minigpt_jax import checkpoint, torch_import
+from minigpt_jax.data import CharTokenizer
+from minigpt_jax.errors import UserError
+from minigpt_jax.model import ModelConfig, build_model, init_params
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_REF = Path(__file__).resolve().parents[2] / "shared/bench/torch_ref.py"
+TEXT = "Whose woods these are I think I know.\nHis house is in the village though;\n"
+TOKENIZER = CharTokenizer.from_text(TEXT)
+V, T, C, H, L = TOKENIZER.vocab_size, 16, 32, 2, 2
+SIZES = [f"--config.model.block_size={T}", f"--config.model.n_embed={C}",
+         f"--config.model.n_heads={H}", f"--config.model.n_layer={L}"]
+PROMPT = "the "
+
+
+# -- The lecture's gpt.py and bigram.py, at the tiny size (their names, our indent).
+
+class Head(nn.Module):
+
+  def __init__(self, head_size):
+    super().__init__()
+    self.key = nn.Linear(C, head_size, bias=False)
+    self.query = nn.Linear(C, head_size, bias=False)
+    self.value = nn.Linear(C, head_size, bias=False)
+    self.register_buffer("tril", torch.tril(torch.ones(T, T)))
+
+  def forward(self, x):
+    _, t, _ = x.shape
+    k, q = self.key(x), self.query(x)
+    wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
+    wei = F.softmax(wei.masked_fill(self.tril[:t, :t] == 0, float("-inf")), dim=-1)
+    return wei @ self.value(x)
+
+
+class MultiHeadAttention(nn.Module):
+
+  def __init__(self, num_heads, head_size):
+    super().__init__()
+    self.heads = nn.ModuleList([Head(head_size) for _ in range(num_heads)])
+    self.proj = nn.Linear(head_size * num_heads, C)
+
+  def forward(self, x):
+    return self.proj(torch.cat([h(x) for h in self.heads], dim=-1))
+
+
+class FeedFoward(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.net = nn.Sequential(nn.Linear(C, 4 * C), nn.ReLU(), nn.Linear(4 * C, C), nn.Dropout(0.0))
+
+  def forward(self, x):
+    return self.net(x)
+
+
+class Block(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.sa, self.ffwd = MultiHeadAttention(H, C // H), FeedFoward()
+    self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+
+  def forward(self, x):
+    x = x + self.sa(self.ln1(x))
+    return x + self.ffwd(self.ln2(x))
+
+
+class GPTLanguageModel(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.token_embedding_table = nn.Embedding(V, C)
+    self.position_embedding_table = nn.Embedding(T, C)
+    self.blocks = nn.Sequential(*[Block() for _ in range(L)])
+    self.ln_f = nn.LayerNorm(C)
+    self.lm_head = nn.Linear(C, V)
+
+  def forward(self, idx):
+    x = self.token_embedding_table(idx) + self.position_embedding_table(
+        torch.arange(idx.shape[1]))
+    return self.lm_head(self.ln_f(self.blocks(x)))
+
+
+class BigramLanguageModel(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.token_embedding_table = nn.Embedding(V, V)
+
+  def forward(self, idx):
+    return self.token_embedding_table(idx)
+
+
+def _torch_ref_gpt():
+  """../shared/bench/torch_ref.py's GPT; its module only defines things on import."""
+  if not TORCH_REF.is_file():
+    pytest.skip(f"{TORCH_REF} is not beside this repo")
+  spec = importlib.util.spec_from_file_location("torch_ref", TORCH_REF)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = module.GPT(dict(block=T, embd=C, heads=H, layers=L, dropout=0.0), V)
+  return lambda idx: model(idx)[0], model
+
+
+def _torch_model(kind):
+  """(logits function, module) with random weights far from any init, in eval mode."""
+  torch.manual_seed(0)
+  if kind == "fused":
+    forward, model = _torch_ref_gpt()
+  else:
+    model = GPTLanguageModel() if kind == "lecture" else BigramLanguageModel()
+    forward = model
+  with torch.no_grad():
+    for module in model.modules():
+      for name, p in module.named_parameters(recurse=False):
+        one = 1.0 if isinstance(module, nn.LayerNorm) and name == "weight" else 0.0
+        p.copy_(one + 0.2 * torch.randn_like(p))
+  model.eval()
+  return forward, model
+
+
+def _config(kind):
+  return bigram_config.get_config() if kind == "bigram" else frost_cpu.get_config()
+
+
+def _model_cfg(kind):
+  config = _config(kind)
+  if kind != "bigram":
+    config.model.update(block_size=T, n_embed=C, n_heads=H, n_layer=L)
+  return ModelConfig.from_config(config.model, V)
+
+
+def _numpy(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _torch_greedy(forward, block_size, prompt, num_tokens):
+  """The lecture's generate with argmax: crop to block_size, take the last logits."""
+  idx = torch.from_numpy(TOKENIZER.encode(prompt)).long()[None, :]
+  with torch.no_grad():
+    for _ in range(num_tokens):
+      next_id = forward(idx[:, -block_size:])[:, -1, :].argmax(dim=-1, keepdim=True)
+      idx = torch.cat((idx, next_id), dim=1)
+  return TOKENIZER.decode(idx[0].tolist())
+
+
+def _logits_diff(kind, forward, params, cfg):
+  idx_BT = np.random.default_rng(0).integers(0, V, size=(3, cfg.block_size))
+  with torch.no_grad():
+    expected_BTV = forward(torch.tensor(idx_BT, dtype=torch.long)).numpy()
+  logits_BTV = build_model(cfg).apply({"params": params}, idx_BT)
+  return float(np.max(np.abs(np.asarray(logits_BTV) - expected_BTV)))
+
+
+@pytest.mark.parametrize("kind", ["lecture", "fused", "bigram"])
+def test_imported_params_give_torchs_logits(kind):
+  forward, model = _torch_model(kind)
+  cfg = _model_cfg(kind)
+  params = torch_import.convert(_numpy(model), cfg)
+  fresh = init_params(build_model(cfg), jax.random.PRNGKey(0))
+  shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
+  assert shapes(params) == shapes(fresh)
+  assert _logits_diff(kind, forward, params, cfg) < 1e-4
+
+
+def _cli(script, *args, check=True):
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+  return result
+
+
+def _files(tmp_path, model):
+  """The state_dict as torch.save writes it, the text, and its vocab.json."""
+  pt, text, vocab = tmp_path / "model.pt", tmp_path / "input.txt", tmp_path / "vocab.json"
+  torch.save(model.state_dict(), pt)
+  text.write_text(TEXT)
+  vocab.write_text(json.dumps(TOKENIZER.to_json()))
+  return pt, text, vocab
+
+
+@pytest.mark.parametrize("kind,vocab_flag", [("lecture", "text"), ("fused", "vocab"),
+                                             ("bigram", "text")])
+def test_imported_workdir_samples_torchs_greedy_text(kind, vocab_flag, tmp_path):
+  forward, model = _torch_model(kind)
+  pt, text, vocab = _files(tmp_path, model)
+  workdir = tmp_path / "imported"
+  config = "configs/bigram.py" if kind == "bigram" else "configs/frost_cpu.py"
+  sizes = [] if kind == "bigram" else SIZES
+  source = f"--text={text}" if vocab_flag == "text" else f"--vocab={vocab}"
+  _cli("import_torch.py", f"--state_dict={pt}", source, f"--config={config}", *sizes,
+       f"--workdir={workdir}")
+  assert json.loads((workdir / "vocab.json").read_text()) == TOKENIZER.to_json()
+  cfg, params, _, step = checkpoint.load_for_sampling(workdir)
+  assert step == 0 and _logits_diff(kind, forward, params, cfg) < 1e-4
+  num_tokens = cfg.block_size - len(PROMPT)  # never past the window: no crop policy differs
+  result = _cli("sample.py", f"--workdir={workdir}", f"--prompt={PROMPT}",
+                f"--num_tokens={num_tokens}", "--top_k=1")
+  assert result.stdout == _torch_greedy(forward, cfg.block_size, PROMPT, num_tokens) + "\n"
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"n_embed": 64}, ["'token_embedding_table.weight'", f"[{V}, 32]", f"[{V}, 64]"]),
+    ({"n_layer": 3}, ["no tensor 'blocks.2.ln1.weight'"]),
+    ({"n_layer": 1}, ["that a model with", "'blocks.1.", "does not use"]),
+    ({"n_heads": 4}, ["'blocks.0.sa.heads.0.query.weight'", "[16, 32]", "[8, 32]"]),
+    ({"block_size": 8}, ["'position_embedding_table.weight'", "[16, 32]", "[8, 32]"]),
+])
+def test_a_state_dict_that_does_not_fit_names_the_tensor(change, needles):
+  _, model = _torch_model("lecture")
+  cfg = _model_cfg("lecture")
+  cfg = dataclasses.replace(cfg, **change)
+  with pytest.raises(UserError) as e:
+    torch_import.convert(_numpy(model), cfg)
+  assert "\n" not in str(e.value)
+  for needle in needles:
+    assert needle in str(e.value)
+
+
+def test_only_the_mask_buffers_are_ignored():
+  _, model = _torch_model("lecture")
+  state_dict = _numpy(model)
+  assert any(k.endswith(".tril") for k in state_dict)
+  with pytest.raises(UserError, match="'extra.weight'"):
+    torch_import.convert({**state_dict, "extra.weight": np.zeros(3)}, _model_cfg("lecture"))
+  compiled = {"_orig_mod." + k: v for k, v in state_dict.items()}  # torch.compile's names
+  torch_import.convert(compiled, _model_cfg("lecture"))
+  with pytest.raises(UserError, match="neither token_embedding_table.weight"):
+    torch_import.convert({"weight": np.zeros(3)}, _model_cfg("lecture"))
+
+
+def _one_line_error(result, *needles):
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_import_cli_errors_are_one_line(tmp_path):
+  _, model = _torch_model("lecture")
+  pt, text, vocab = _files(tmp_path, model)
+  args = ["--config=configs/frost_cpu.py", *SIZES, f"--workdir={tmp_path / 'w'}"]
+  cases = [
+      ([f"--state_dict={pt}", f"--text={text}", "--config.model.n_embed=64"],
+       ["'token_embedding_table.weight'", f"[{V}, 32]", f"[{V}, 64]"]),
+      ([f"--state_dict={pt}", f"--text={text}", f"--vocab={vocab}"], ["exactly one of"]),
+      ([f"--state_dict={pt}"], ["exactly one of"]),
+      ([f"--state_dict={tmp_path / 'missing.pt'}", f"--text={text}"],
+       ["missing.pt does not exist"]),
+      ([f"--state_dict={pt}", f"--text={tmp_path / 'missing.txt'}"],
+       ["missing.txt does not exist"]),
+      ([f"--state_dict={text}", f"--text={text}"], ["cannot read", "state_dict()"]),
+  ]
+  for extra, needles in cases:
+    _one_line_error(_cli("import_torch.py", *args, *extra, check=False), *needles)
+  assert not (tmp_path / "w").exists()  # no error leaves a half-made workdir
+  _cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}")
+  _one_line_error(_cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}",
+                       check=False), "already holds checkpoints")
