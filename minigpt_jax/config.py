@@ -43,6 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_iters = 200  # batches averaged per split per estimate
   config.train.log_every = 50  # steps between progress-bar loss updates
   config.train.sample_tokens = 500  # sample printed at the end (0: none)
+  # Optimizer steps per compiled call (a lax.scan); same results, less dispatch
+  # overhead for small models. Logging and evaluation happen between calls.
+  config.train.steps_per_dispatch = 1
+
+  # Devices: a 1-D mesh whose `data` axis shards the batch; params are replicated.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # data-parallel shards; -1: every device of every process
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep = 3  # latest checkpoints kept, plus the best one
@@ -68,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ("train.eval_interval", t.eval_interval),
                        ("train.eval_iters", t.eval_iters),
                        ("train.log_every", t.log_every),
+                       ("train.steps_per_dispatch", t.steps_per_dispatch),
                        ("checkpoint.keep", config.checkpoint.keep)):
     _require(isinstance(value, int) and value > 0, field,
              f"is {value!r}", "set it to a positive integer")
@@ -102,3 +110,20 @@ def validate_for_data(config: ml_collections.ConfigDict, train_len: int,
     _require(length > block, "model.block_size",
              f"({block}) is not shorter than the {split} split ({length} characters)",
              f"lower block_size below {length} or use a longer text")
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
+                         num_processes: int = 1) -> int:
+  """The number of data shards; the batch must split evenly across them."""
+  shards = config.mesh.data
+  _require(shards == -1 or (isinstance(shards, int) and 1 <= shards <= num_devices),
+           "mesh.data", f"is {shards!r} but there are {num_devices} devices",
+           f"use -1 (all devices) or a count from 1 to {num_devices}")
+  shards = num_devices if shards == -1 else shards
+  _require(num_processes == 1 or shards == num_devices, "mesh.data",
+           f"is {shards} but {num_processes} processes hold {num_devices} devices",
+           "use -1 so every process takes part")
+  _require(config.train.batch_size % shards == 0, "train.batch_size",
+           f"({config.train.batch_size}) does not divide by the {shards} data shards",
+           f"use a multiple of {shards} or set config.mesh.data to a divisor of it")
+  return shards

@@ -3,7 +3,12 @@
 Randomness: one root key from `config.seed` is stored in the state; batches,
 dropout masks and evaluation batches each come from `fold_in(key, step)`, so
 they depend on the step alone and a resumed run repeats an unbroken one
-bit for bit.
+bit for bit, on any number of devices.
+
+Devices: batches are drawn inside the compiled step from the corpus, which
+every device holds, and constrained to be sharded over the mesh's `data`
+axis, so each device (and each process) computes only its rows of the global
+batch; params and optimizer state are replicated. See `parallel.py`.
 """
 
 import functools
@@ -16,10 +21,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
+from jax import lax
+from jax.sharding import Mesh
 
-from minigpt_jax import checkpoint, config as config_lib, data, sampling
+from minigpt_jax import checkpoint, config as config_lib, data, parallel, plotting, sampling
 from minigpt_jax.metrics import MetricsWriter
 from minigpt_jax.model import ModelConfig, build_model, count_params, cross_entropy, init_params
 
@@ -57,24 +65,36 @@ def _adamw(learning_rate, b1, b2, eps, weight_decay) -> optax.GradientTransforma
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def create_train_state(config: ml_collections.ConfigDict, vocab_size: int) -> TrainState:
-  """A fresh state from `config.seed`; jit-compiled so no eager op runs per leaf."""
+def create_train_state(config: ml_collections.ConfigDict, vocab_size: int,
+                       mesh: Mesh | None = None) -> TrainState:
+  """A fresh state from `config.seed`, replicated over `mesh`; built by one jit call."""
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
-  tx = make_optimizer(config.train)
+  init = _jit_init(model_cfg, make_optimizer(config.train), mesh)
+  return init(jax.random.PRNGKey(config.seed))
 
-  @jax.jit
+
+@functools.cache
+def _jit_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh | None):
+  # Cached: a resumed or repeated run reuses the compiled init.
   def init(rng):
     params = init_params(build_model(model_cfg), _stream(rng, _INIT))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=rng, model_cfg=model_cfg, tx=tx)
 
-  return init(jax.random.PRNGKey(config.seed))
+  return jax.jit(init, out_shardings=None if mesh is None else parallel.replicated(mesh))
 
 
-def draw_batch(state: TrainState, data_N: jax.Array, batch_size: int, block_size: int):
-  """The training batch of `state.step`."""
+def draw_batch(state: TrainState, data_N: jax.Array, batch_size: int, block_size: int,
+               mesh: Mesh | None = None):
+  """The training batch of `state.step`, sharded over the mesh's `data` axis."""
   key = jax.random.fold_in(_stream(state.rng, _DATA), state.step)
-  return data.get_batch(key, data_N, batch_size, block_size)
+  return _shard_batch(data.get_batch(key, data_N, batch_size, block_size), mesh)
+
+
+def _shard_batch(batch, mesh: Mesh | None):
+  if mesh is None:
+    return batch
+  return lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
 def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -92,13 +112,32 @@ def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
 
 
+def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block_size: int,
+                num_steps: int = 1, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
+  """`num_steps` updates in one compiled call (a lax.scan), each on its own batch.
+
+  Draws the batch of each step from the corpus on device, so a call needs no
+  host input; the results equal `num_steps` calls of `train_step`.
+  Returns the new state and {"loss": float32[num_steps]}.
+  """
+
+  def one_step(state, _):
+    state, metrics = train_step(state, draw_batch(state, train_N, batch_size, block_size, mesh))
+    return state, metrics["loss"]
+
+  state, losses_K = lax.scan(one_step, state, length=num_steps)
+  if mesh is not None:
+    state = lax.with_sharding_constraint(state, parallel.replicated(mesh))
+  return state, {"loss": losses_K}
+
+
 def eval_step(state: TrainState, params, batch) -> jax.Array:
   x_BT, y_BT = batch
   return cross_entropy(state.apply(params, x_BT), y_BT)
 
 
 def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: int,
-                  eval_iters: int) -> dict:
+                  eval_iters: int, mesh: Mesh | None = None) -> dict:
   """Mean loss over `eval_iters` random batches of each split (the lecture's)."""
   key = jax.random.fold_in(_stream(state.rng, _EVAL), state.step)
   losses = {}
@@ -106,7 +145,8 @@ def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: 
     split_key = jax.random.fold_in(key, i)
 
     def add(j, total):
-      batch = data.get_batch(jax.random.fold_in(split_key, j), data_N, batch_size, block_size)
+      batch = _shard_batch(data.get_batch(jax.random.fold_in(split_key, j), data_N,
+                                          batch_size, block_size), mesh)
       return total + eval_step(state, state.params, batch)
 
     losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
@@ -115,9 +155,11 @@ def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: 
 
 # Compiled once per shape and config, shared by every run in the process.
 jit_train_step = jax.jit(train_step, donate_argnums=0)
-jit_draw_batch = jax.jit(draw_batch, static_argnames=("batch_size", "block_size"))
+jit_train_steps = jax.jit(train_steps, donate_argnums=0,
+                          static_argnames=("batch_size", "block_size", "num_steps", "mesh"))
+jit_draw_batch = jax.jit(draw_batch, static_argnames=("batch_size", "block_size", "mesh"))
 jit_estimate_loss = jax.jit(estimate_loss,
-                            static_argnames=("batch_size", "block_size", "eval_iters"))
+                            static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))
 
 
 class _Interrupt:
@@ -138,20 +180,41 @@ class _Interrupt:
       signal.signal(s, handler)
 
 
+def _steps_in_next_call(step: int, config: ml_collections.ConfigDict) -> int:
+  """`steps_per_dispatch`, or 1 where that would run past a log, eval or the end.
+
+  Only two compiled variants, so no recompiles; aligned runs use the first alone.
+  """
+  t = config.train
+  next_event = min((step // t.log_every + 1) * t.log_every,
+                   (step // t.eval_interval + 1) * t.eval_interval, t.steps)
+  return t.steps_per_dispatch if step + t.steps_per_dispatch <= next_event else 1
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        log=None, show_progress: bool = True) -> dict:
-  """Trains (or resumes) in `workdir`; returns the summary also written to summary.json."""
-  log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
+  """Trains (or resumes) in `workdir`; returns the summary also written to summary.json.
+
+  In a multi-process run every process calls this; only process 0 logs and
+  writes files other than checkpoints, which all processes write together.
+  """
   start_time = time.perf_counter()
   workdir = Path(workdir)
+  is_main = parallel.is_main_process()
+  if not is_main:
+    log = lambda line: None
+  log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
 
-  # -- Config and data: every user mistake is caught here, before compiling.
+  # -- Config, devices and data: every user mistake is caught here, before compiling.
   config_lib.validate(config)
+  num_shards = config_lib.validate_for_devices(config, jax.device_count(),
+                                               jax.process_count())
   text, corpus_name = data.load_text(config)
   tokenizer = data.CharTokenizer.from_text(text)
   train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
   config_lib.validate_for_data(config, len(train_ids), len(val_ids))
   vocab = tokenizer.to_json()
+  mesh = parallel.make_mesh(num_shards)
 
   # -- Checkpoints: resume from this workdir's latest, if any.
   workdir.mkdir(parents=True, exist_ok=True)
@@ -163,26 +226,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     checkpoint.check_fits(saved_config, saved_vocab, config, vocab, str(workdir))
 
   # -- State and compiled functions.
-  state = create_train_state(config, tokenizer.vocab_size)
+  state = create_train_state(config, tokenizer.vocab_size, mesh)
   if resume_step is not None:
     state = checkpoint.restore_state(mngr, resume_step, state)
   config_dict = config.to_dict()
-  checkpoint.write_json(workdir / "config.json", config_dict)
-  checkpoint.write_json(workdir / "vocab.json", vocab)
+  if is_main:
+    checkpoint.write_json(workdir / "config.json", config_dict)
+    checkpoint.write_json(workdir / "vocab.json", vocab)
   num_params = count_params(state.params)
   B, T, steps = config.train.batch_size, config.model.block_size, config.train.steps
-  splits = {"train": jnp.asarray(train_ids), "val": jnp.asarray(val_ids)}
-  draw = functools.partial(jit_draw_batch, batch_size=B, block_size=T)
+  splits = {"train": parallel.put_replicated(train_ids, mesh),
+            "val": parallel.put_replicated(val_ids, mesh)}
+  run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
   evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
-                               eval_iters=config.train.eval_iters)
+                               eval_iters=config.train.eval_iters, mesh=mesh)
 
   step = int(state.step)
-  writer = MetricsWriter(workdir, resume_step=step, log=log)
+  writer = MetricsWriter(workdir, resume_step=step, log=log, enabled=is_main)
   best = (meta.get("best_val_loss"), meta.get("best_step"))
-  log(f"{'resuming from step ' + str(step) if step else 'training from scratch'} in "
-      f"{workdir}: {config.model.name}, {num_params:,} params, vocab {tokenizer.vocab_size}, "
-      f"corpus {corpus_name} ({len(train_ids):,} train / {len(val_ids):,} val chars), "
-      f"{jax.default_backend()}")
+  start = "training from scratch" if resume_step is None else f"resuming from step {step}"
+  log(f"{start} in {workdir}: {config.model.name}, {num_params:,} params, vocab "
+      f"{tokenizer.vocab_size}, corpus {corpus_name} ({len(train_ids):,} train / "
+      f"{len(val_ids):,} val chars), {jax.default_backend()} x {num_shards} "
+      f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
 
   def evaluate_and_save() -> dict:
     nonlocal best, meta
@@ -197,64 +263,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       checkpoint.save(mngr, state, config_dict, vocab, meta)
     return meta
 
-  if step == 0:
-    evaluate_and_save()
-  elif step >= steps:
-    log(f"already at step {step} of {steps}; raise --config.train.steps to train longer")
-  # Steps/s leaves out the first step (compilation), evaluations and saves.
-  first_step, loop_start, paused_s = step, None, 0.0
-  bar = tqdm.tqdm(total=steps, initial=step, disable=not show_progress, file=sys.stderr,
-                  unit="step", dynamic_ncols=True, mininterval=0.5)
-  with _Interrupt() as interrupt:
-    while step < steps:
-      state, metrics = jit_train_step(state, draw(state, splits["train"]))
-      step += 1
-      if loop_start is None:
-        jax.block_until_ready(metrics)
-        loop_start = time.perf_counter()
-      if step % config.train.log_every == 0 or step == steps:
-        loss = float(metrics["loss"])
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        writer.write("train", step, loss=loss)
-      bar.update(1)
-      eval_due = step % config.train.eval_interval == 0 or step == steps
-      if eval_due or interrupt.requested:
-        jax.block_until_ready(state)  # steps still running count as training time
-        pause_start = time.perf_counter()
-        if eval_due:
-          evaluate_and_save()
-        else:
-          checkpoint.save(mngr, state, config_dict, vocab,
-                          {**meta, "step": step, "val_loss": None})
-        paused_s += time.perf_counter() - pause_start
-      if interrupt.requested and step < steps:
-        bar.close()
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in "
-                                f"{workdir}; rerun the same command to resume")
-  bar.close()
-  timed_steps = step - first_step - 1
-  train_time = (time.perf_counter() - loop_start - paused_s) if loop_start else 0.0
+  try:
+    if step == 0:
+      evaluate_and_save()
+    elif step >= steps:
+      log(f"already at step {step} of {steps}; raise --config.train.steps to train longer")
+    # Speeds leave out the first call (compilation), evaluations and saves.
+    # `mark` is (step, time, paused seconds) at the start of a timed stretch.
+    first_call_end, loop_start, paused_s, mark = None, None, 0.0, None
+    bar = tqdm.tqdm(total=steps, initial=step, disable=not (show_progress and is_main),
+                    file=sys.stderr, unit="step", dynamic_ncols=True, mininterval=0.5)
+    with _Interrupt() as interrupt:
+      while step < steps:
+        n = _steps_in_next_call(step, config)
+        state, metrics = run_steps(state, splits["train"], num_steps=n)
+        step += n
+        if loop_start is None:
+          jax.block_until_ready(metrics)
+          first_call_end, loop_start = step, time.perf_counter()
+          mark = (step, loop_start, paused_s)
+        if step % config.train.log_every == 0 or step == steps:
+          loss = float(np.asarray(metrics["loss"])[-1])  # no device op: no compile
+          now = time.perf_counter()
+          elapsed = now - mark[1] - (paused_s - mark[2])
+          rate = (step - mark[0]) / elapsed if step > mark[0] and elapsed > 0 else None
+          mark = (step, now, paused_s)
+          bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+          writer.write("train", step, loss=loss, learning_rate=config.train.learning_rate,
+                       steps_per_s=None if rate is None else round(rate, 3),
+                       tokens_per_s=None if rate is None else round(rate * B * T),
+                       wall_s=round(now - start_time, 2))
+        bar.update(n)
+        eval_due = step % config.train.eval_interval == 0 or step == steps
+        if eval_due or interrupt.requested:
+          jax.block_until_ready(state)  # steps still running count as training time
+          pause_start = time.perf_counter()
+          if eval_due:
+            evaluate_and_save()
+          else:
+            checkpoint.save(mngr, state, config_dict, vocab,
+                            {**meta, "step": step, "val_loss": None})
+          paused_s += time.perf_counter() - pause_start
+        if interrupt.requested and step < steps:
+          bar.close()
+          raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in "
+                                  f"{workdir}; rerun the same command to resume")
+    bar.close()
+    timed_steps = step - first_call_end if first_call_end is not None else 0
+    train_time = (time.perf_counter() - loop_start - paused_s) if loop_start else 0.0
 
-  summary = {
-      "step": step,
-      "train_loss": meta.get("train_loss"),
-      "val_loss": meta.get("val_loss"),
-      "best_val_loss": best[0],
-      "best_step": best[1],
-      "wall_s": round(time.perf_counter() - start_time, 2),
-      "steps_per_s": round(timed_steps / train_time, 2) if timed_steps > 0 else None,
-      "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps > 0 else None,
-      "vocab_size": tokenizer.vocab_size,
-      "num_params": num_params,
-      "corpus": corpus_name,
-      "backend": jax.default_backend(),
-  }
-  checkpoint.write_json(workdir / "summary.json", summary)
-  mngr.close()
-  if config.train.sample_tokens:
-    generate = sampling.make_generate(state.model_cfg)
-    prompt_ids, _ = sampling.encode_prompt(tokenizer, "")
-    out = generate(state.params, prompt_ids, jax.random.PRNGKey(config.seed),
-                   config.train.sample_tokens)
-    summary["sample"] = tokenizer.decode(out[0])
+    summary = {
+        "step": step,
+        "train_loss": meta.get("train_loss"),
+        "val_loss": meta.get("val_loss"),
+        "best_val_loss": best[0],
+        "best_step": best[1],
+        "wall_s": round(time.perf_counter() - start_time, 2),
+        "steps_per_s": round(timed_steps / train_time, 2) if timed_steps > 0 else None,
+        "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps > 0 else None,
+        "vocab_size": tokenizer.vocab_size,
+        "num_params": num_params,
+        "corpus": corpus_name,
+        "backend": jax.default_backend(),
+        "devices": num_shards,
+        "processes": jax.process_count(),
+    }
+    mngr.close()
+    if is_main:
+      checkpoint.write_json(workdir / "summary.json", summary)
+      plotting.save_loss_plot(workdir)
+      if config.train.sample_tokens:
+        summary["sample"] = _sample(state, tokenizer, config)
+        writer.write_text("sample", step, summary["sample"])
+  finally:
+    writer.close()
   return summary
+
+
+def _sample(state: TrainState, tokenizer: data.CharTokenizer,
+            config: ml_collections.ConfigDict) -> str:
+  """The end-of-training sample, on this process' first device alone."""
+  params = jax.device_get(state.params)  # replicated: every process has them whole
+  generate = sampling.make_generate(state.model_cfg)
+  prompt_ids, _ = sampling.encode_prompt(tokenizer, "")
+  out = generate(params, prompt_ids, jax.random.PRNGKey(config.seed),
+                 config.train.sample_tokens)
+  return tokenizer.decode(np.asarray(out[0]))

@@ -5,7 +5,9 @@ import json
 import math
 
 import jax
+import jax.monitoring
 import numpy as np
+import pytest
 
 from minigpt_jax import checkpoint, data, train
 
@@ -92,3 +94,70 @@ def test_train_step_compiles_once(tiny_config):
   # jit caches are shared by every jit of the same function: count growth only.
   assert cache_sizes[1:] == cache_sizes[:1] * 4
   assert int(state.step) == 5 and len(set(losses)) == 5
+
+
+def _frost_ids_and_vocab():
+  text = data.read_text(data.resolve_corpus("frost"))
+  tokenizer = data.CharTokenizer.from_text(text)
+  return jax.numpy.asarray(tokenizer.encode(text)), tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_several_steps_per_dispatch_equal_one_step_per_dispatch(tiny_config, dropout):
+  """A scan of K steps gives the losses and params of K single-step calls."""
+  tiny_config.model.dropout = dropout
+  ids, vocab_size = _frost_ids_and_vocab()
+  run = functools.partial(train.jit_train_steps, batch_size=8, block_size=16)
+  single = train.create_train_state(tiny_config, vocab_size)
+  single_losses = []
+  for _ in range(6):
+    single, metrics = run(single, ids, num_steps=1)
+    single_losses.append(float(metrics["loss"][0]))
+  scanned = train.create_train_state(tiny_config, vocab_size)
+  scanned_losses = []
+  for _ in range(2):
+    scanned, metrics = run(scanned, ids, num_steps=3)
+    scanned_losses.extend(np.asarray(metrics["loss"]).tolist())
+  np.testing.assert_allclose(scanned_losses, single_losses, rtol=1e-6)
+  assert int(scanned.step) == int(single.step) == 6
+  for a, b in zip(jax.tree_util.tree_leaves(scanned.params),
+                  jax.tree_util.tree_leaves(single.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_dispatch_does_not_change_a_run(tiny_config, tmp_path):
+  """Through the loop: evaluations and train records match, misaligned K included."""
+  tiny_config.model.dropout = 0.1
+  runs = {}
+  for k in (1, 7):  # 7 divides neither log_every (10) nor eval_interval (20)
+    tiny_config.train.steps_per_dispatch = k
+    train.train_and_evaluate(tiny_config, tmp_path / str(k), show_progress=False)
+    records = map(json.loads, (tmp_path / str(k) / "metrics.jsonl").read_text().splitlines())
+    runs[k] = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in records]
+  assert [r[:2] for r in runs[7]] == [r[:2] for r in runs[1]]
+  for a, b in zip(runs[7], runs[1]):
+    np.testing.assert_allclose([x for x in a[2:] if x is not None],
+                               [x for x in b[2:] if x is not None], rtol=1e-5)
+
+
+def test_no_recompiles_across_steps_evaluations_and_a_resume(tiny_config, tmp_path):
+  """The first run compiles init, the step and the evaluation once; a resume compiles nothing."""
+  tiny_config.model.block_size = 12  # shapes no other test compiles
+  tiny_config.train.update(steps=20, eval_interval=10, log_every=5, steps_per_dispatch=5)
+  compiles = []
+  listener = lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    sizes = lambda: (train.jit_train_steps._cache_size(), train.jit_estimate_loss._cache_size())
+    before = sizes()
+    train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # 4 calls, 3 evals
+    assert [a - b for a, b in zip(sizes(), before)] == [1, 1]
+    first_run = len(compiles)
+    tiny_config.train.steps = 40
+    train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # resumes at 20
+    assert sizes()[0] - before[0] == 1 and sizes()[1] - before[1] == 1
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert first_run >= 2
+  assert compiles[first_run:] == [], "the resumed run compiled again"
+  assert len(_evals(tmp_path)) == 5  # steps 0, 10, 20, 30, 40
