@@ -2,6 +2,10 @@
 
 Rerunning the same command on the same workdir resumes from its latest
 checkpoint. Any config field can be overridden, e.g. --config.train.steps=200.
+
+Several processes (hosts) train one model when each runs this command with
+--coordinator_address, --num_processes and --process_id, or with --distributed
+where JAX finds them itself (Slurm, TPU VMs); see README "More than one device".
 """
 
 import sys
@@ -12,15 +16,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import cli, train  # noqa: E402
+from minigpt_jax import cli, parallel, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, summary.json.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run that JAX detects (Slurm, TPU pods).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if not parallel.is_main_process():
+    return
   print(f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}, "
         f"val loss {summary['val_loss']:.4f} (best {summary['best_val_loss']:.4f} at step "
         f"{summary['best_step']}), {summary['steps_per_s']} steps/s, "

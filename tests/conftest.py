@@ -31,3 +31,9 @@ def tiny_config():
   """configs/frost_cpu.py on frost, shrunk: 2 layers, width 32, 40 steps."""
   from configs import frost_cpu
   return tiny(frost_cpu.get_config())
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes on 127.0.0.1 (CI runs it; "
+      "skip locally with -m 'not multiprocess')")

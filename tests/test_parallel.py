@@ -1,0 +1,126 @@
+"""Data parallelism: 1 vs 4 devices, checkpoints across device counts, two processes.
+
+Devices are faked on the CPU (XLA_FLAGS=--xla_force_host_platform_device_count=4)
+in subprocesses, since a process fixes its device count when JAX starts.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt_jax import config as config_lib
+from minigpt_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/frost_cpu.py", "--config.model.block_size=16",
+        "--config.model.n_embed=32", "--config.model.n_heads=2", "--config.model.n_layer=2",
+        "--config.model.dropout=0.1", "--config.train.batch_size=8",
+        "--config.train.eval_iters=4", "--config.train.eval_interval=10",
+        "--config.train.log_every=5", "--config.train.sample_tokens=0"]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}").strip()
+  return env
+
+
+def _train(workdir, steps, devices=1, *extra, check=True):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={workdir}",
+       f"--config.train.steps={steps}", *extra],
+      cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=300)
+  if check and result.returncode != 0:
+    raise AssertionError(f"train.py on {devices} devices failed:\n{result.stderr[-3000:]}")
+  return result
+
+
+def _losses(workdir):
+  """(kind, step, loss...) of every record, in order."""
+  records = map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+  return [(r["kind"], r["step"], r.get("loss"), r.get("train_loss"), r.get("val_loss"))
+          for r in records]
+
+
+def _assert_same_losses(a, b):
+  assert [r[:2] for r in a] == [r[:2] for r in b]
+  values = lambda rs: [x for r in rs for x in r[2:] if x is not None]
+  np.testing.assert_allclose(values(a), values(b), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The reference: 20 steps on one device, evaluated at 0, 10, 20."""
+  workdir = tmp_path_factory.mktemp("parallel") / "one_device"
+  _train(workdir, 20)
+  return workdir
+
+
+def test_the_batch_must_divide_by_the_data_shards():
+  config = config_lib.get_config()
+  config.train.batch_size = 6
+  with pytest.raises(UserError, match=r"train.batch_size \(6\) does not divide by the 4 data "
+                                      r"shards; use a multiple of 4"):
+    config_lib.validate_for_devices(config, 4)
+  config.mesh.data = 3
+  assert config_lib.validate_for_devices(config, 4) == 3
+  config.mesh.data = 8
+  with pytest.raises(UserError, match=r"mesh.data is 8 but there are 4 devices"):
+    config_lib.validate_for_devices(config, 4)
+
+
+def test_an_uneven_batch_fails_in_one_line_before_compiling(tmp_path):
+  result = _train(tmp_path, 10, 4, "--config.train.batch_size=6", check=False)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: config.train.batch_size (6)"), lines
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_four_devices_then_one_match_one_device(one_device, tmp_path):
+  """4 devices train to step 10 and save; 1 device resumes to 20: same losses."""
+  _train(tmp_path, 10, 4)
+  _train(tmp_path, 20, 1)
+  _assert_same_losses(_losses(tmp_path), _losses(one_device))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["devices"] == 1
+
+
+def test_one_device_then_four_match_one_device(one_device, tmp_path):
+  """1 device saves at step 10; 4 devices resume to 20: same losses."""
+  _train(tmp_path, 10, 1)
+  _train(tmp_path, 20, 4)
+  _assert_same_losses(_losses(tmp_path), _losses(one_device))
+  assert json.loads((tmp_path / "summary.json").read_text())["devices"] == 4
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(one_device, tmp_path):
+  """jax.distributed on 127.0.0.1, CPU collectives, 1 device each: same losses."""
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={tmp_path}",
+       "--config.train.steps=20", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  _assert_same_losses(_losses(tmp_path), _losses(one_device))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert (summary["devices"], summary["processes"]) == (2, 2)
+  assert "done: step 20" in outputs[0][1] and "done:" not in outputs[1][1]
