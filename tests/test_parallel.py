@@ -6,6 +6,7 @@ in subprocesses, since a process fixes its device count when JAX starts.
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -101,10 +102,16 @@ def test_one_device_then_four_match_one_device(one_device, tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["devices"] == 4
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _free_port(candidates=(0,)) -> int:
+  """The first of `candidates` that binds on 127.0.0.1 (0: any the OS picks)."""
+  for port in candidates:
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return s.getsockname()[1]
+  raise RuntimeError("no free port")
 
 
 @pytest.mark.multiprocess
@@ -124,3 +131,40 @@ def test_two_processes_match_one_process(one_device, tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert (summary["devices"], summary["processes"]) == (2, 2)
   assert "done: step 20" in outputs[0][1] and "done:" not in outputs[1][1]
+
+
+_FAKE_SRUN = """#!/bin/bash
+# Stands in for Slurm's srun: two tasks on this host, with Slurm's variables.
+for i in 0 1; do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$FAKE_SRUN_LOGS/task$i.log" 2>&1 &
+done
+status=0
+for job in $(jobs -p); do wait "$job" || status=1; done
+exit $status
+"""
+
+
+@pytest.mark.multiprocess
+def test_slurm_script_trains_with_detected_processes(one_device, tmp_path):
+  """launch/slurm_train.sh under a fake srun: --distributed finds 2 processes from Slurm's env."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(_FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (bin_dir / "python").chmod(0o755)  # this interpreter, venv included
+  # JAX derives the coordinator's port from the job id, in 61440..65535.
+  port = _free_port(random.Random(os.getpid()).sample(range(61440, 65536), 50))
+  env = {**_env(1), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SRUN_LOGS": str(tmp_path),
+         "SLURM_JOB_ID": str(port - 61440), "SLURM_NTASKS": "2",
+         "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_SUBMIT_DIR": str(ROOT)}
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      ["bash", str(ROOT / "launch" / "slurm_train.sh"), TINY[0].split("=", 1)[1], str(workdir),
+       *TINY[1:], "--config.train.steps=20"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  logs = [(tmp_path / f"task{i}.log").read_text() for i in range(2)]
+  assert result.returncode == 0, logs[0][-2000:] + logs[1][-2000:]
+  _assert_same_losses(_losses(workdir), _losses(one_device))
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert (summary["devices"], summary["processes"]) == (2, 2)
