@@ -1,0 +1,95 @@
+"""Training and sampling speed of a config, as one JSON line on stdout.
+
+  python launch/benchmark.py --config=configs/frost_cpu.py [--steps=100] [--sample_tokens=500]
+  python launch/benchmark.py --config=configs/frost_cpu.py --compare-torch --repeats=3
+
+Fields: config, backend, device_kind, params, compile_s (lower + compile of the
+train step), steps_per_s and tokens_per_s (steady state, in calls of
+config.train.steps_per_dispatch steps), flops_per_token (6N + 12LTC, see
+minigpt_jax/benchmark.py), achieved_flops, mfu (null on CPU or an unknown
+GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
+(from a 1-token prompt, compile excluded), peak_memory_bytes and
+peak_memory_source ("device" or "host_rss"), and extras (devices, vocab_size,
+dtype, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
+repeats, jax_version).
+
+--compare-torch then runs ../shared/bench/torch_ref.py with the config's preset
+(or --torch_preset) on the same corpus, steps and sample length, and adds to
+the same line torch_preset, torch_impl, torch_threads, torch_params,
+torch_steps_per_s, torch_tokens_per_s, torch_naive_sample_tok_per_s and the
+ratios train_speedup, sample_kv_speedup_vs_torch_naive and
+sample_naive_speedup_vs_torch_naive. --repeats=N measures ours then torch N
+times: speeds and ratios are medians, each ratio's values in <ratio>_runs.
+A readable summary goes to stderr.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from minigpt_jax import benchmark, cli  # noqa: E402
+from minigpt_jax.errors import UserError  # noqa: E402
+
+TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Timed training steps (after a warm-up call).")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "New tokens per timed sample.")
+_COMPARE = flags.DEFINE_bool("compare-torch", False,
+                             "Also time the PyTorch reference and report the ratios.")
+_TORCH_PRESET = flags.DEFINE_string("torch_preset", None,
+                                    "torch_ref.py preset (default: the config's own).")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Measurements (ours, then torch) to take medians of.")
+flags.mark_flag_as_required("config")
+
+
+def _rounded(value):
+  """Floats to 5 significant digits, far finer than the run-to-run noise."""
+  if isinstance(value, float):
+    return float(f"{value:.5g}")
+  if isinstance(value, list):
+    return [_rounded(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _rounded(v) for k, v in value.items()}
+  return value
+
+
+def main():
+  for name, value in (("steps", _STEPS.value), ("sample_tokens", _SAMPLE_TOKENS.value),
+                      ("repeats", _REPEATS.value)):
+    if value < 1:
+      raise UserError(f"--{name} is {value}; use a positive integer")
+  config = _CONFIG.value
+  name = Path(flags.FLAGS["config"].config_filename.split(":", 1)[0]).stem
+  if _COMPARE.value:
+    preset = benchmark.torch_preset(name, _TORCH_PRESET.value)
+    benchmark.check_torch(TORCH_REF)
+    text_path = benchmark.corpus_path(config)
+  elif _TORCH_PRESET.value is not None:
+    benchmark.torch_preset(name, _TORCH_PRESET.value)  # still reject a bad name
+
+  runs, pairs = [], []
+  for _ in range(_REPEATS.value):
+    ours = benchmark.measure(config, _STEPS.value, _SAMPLE_TOKENS.value)
+    runs.append(ours)
+    if _COMPARE.value:
+      pairs.append((ours, benchmark.run_torch_ref(TORCH_REF, preset, text_path, _STEPS.value,
+                                                  _SAMPLE_TOKENS.value)))
+  result = {"config": name, **benchmark.median_of(runs), "repeats": _REPEATS.value}
+  if _COMPARE.value:
+    result["torch_preset"] = preset
+    result.update(benchmark.compare(pairs))
+    if result["torch_params"] != result["params"]:
+      print(f"warning: torch_ref preset {preset!r} has {result['torch_params']:,} params, "
+            f"ours {result['params']:,}: the models differ", file=sys.stderr)
+  print(json.dumps(_rounded(result)))
+  print(benchmark.summary_line(result), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  cli.run(main)

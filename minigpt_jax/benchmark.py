@@ -1,0 +1,297 @@
+"""Speed of training and sampling, for launch/benchmark.py and its tests.
+
+Everything here measures one thing and returns plain numbers; flags, printing
+and the choice of what to run live in the launcher. Timings are steady state:
+compilation and a warm-up call come first, and each timed stretch ends with
+`jax.block_until_ready`, so asynchronous dispatch cannot hide work.
+
+`run_torch_ref` runs the PyTorch reference (shared/bench/torch_ref.py) in a
+subprocess on the same corpus, so `compare` can put the two side by side.
+"""
+
+import importlib.util
+import json
+import math
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from minigpt_jax import config as config_lib, data, parallel, sampling, train
+from minigpt_jax.errors import UserError
+from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
+
+# The three decoders timed, as (result field, method, batch size).
+SAMPLERS = (("sample_naive_tok_per_s", "naive", 1),
+            ("sample_kv_tok_per_s", "kv", 1),
+            ("sample_kv_batch16_tok_per_s", "kv", 16))
+
+# Our config files and the torch_ref.py preset of the same model and batch.
+TORCH_PRESETS = {"frost_cpu": "frost_cpu", "frost_t4": "frost_t4",
+                 "shakespeare_char": "shakespeare"}
+# Every preset torch_ref.py defines (its PRESETS), for --torch_preset.
+TORCH_REF_PRESETS = ("frost_cpu", "frost_t4", "frost_t4_nodrop", "nanogpt_cpu", "shakespeare")
+
+# Dense peak TFLOP/s (no structured sparsity) from NVIDIA's data sheets, by
+# compute dtype. float32 is what XLA's default matmul precision runs: TF32 on
+# tensor cores from Ampere on (A100, L4, H100, H200), plain FP32 before (T4,
+# V100). None: the GPU has no fast path for that dtype (bf16 before Ampere).
+# Matched against `device_kind` in order; the first pattern found wins.
+PEAK_TFLOPS = (
+    (r"h200", {"float32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    (r"h100.*pcie", {"float32": 378.0, "bfloat16": 756.0, "float16": 756.0}),
+    (r"h100", {"float32": 494.7, "bfloat16": 989.4, "float16": 989.4}),  # SXM
+    (r"a100", {"float32": 156.0, "bfloat16": 312.0, "float16": 312.0}),
+    (r"\bl4\b", {"float32": 60.0, "bfloat16": 121.0, "float16": 121.0}),
+    (r"\bt4\b", {"float32": 8.1, "bfloat16": None, "float16": 65.0}),
+    (r"v100", {"float32": 15.7, "bfloat16": None, "float16": 125.0}),  # SXM2
+)
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+  """Model FLOPs per trained token: forward and backward, the PaLM/nanoGPT estimate.
+
+    flops_per_token = 6 * N + 12 * L * T * C
+
+  N counts the non-embedding parameters (every parameter but the token and
+  position tables, which are lookups, not matmuls; the untied lm_head is
+  counted): each weight does one multiply-add (2 FLOPs) per token forward and
+  two backward, hence 6 * N. The second term is attention, which has no
+  weights: per layer and token, q.k over T keys and the weighted sum of T
+  values are 2 * T * C FLOPs each forward, 3x that with the backward pass. It
+  counts the full T x T scores, as PaLM does, though causal masking makes half
+  of them unused; biases and LayerNorm parameters are in N, as in nanoGPT.
+  A bigram model (a lookup table) has N = 0 and no attention: 0 FLOPs.
+  """
+  shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
+  embeddings = sum(count_params(shapes[name]) for name in ("tok_embed", "pos_embed", "table")
+                   if name in shapes)
+  n_non_embedding = count_params(shapes) - embeddings
+  attention = 12 * cfg.n_layer * cfg.block_size * cfg.n_embed if cfg.name == "gpt" else 0
+  return 6 * n_non_embedding + attention
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The device's dense peak FLOP/s for `dtype`, or None (CPU, unknown GPU or dtype)."""
+  kind = device_kind.lower()
+  for pattern, peaks in PEAK_TFLOPS:
+    if re.search(pattern, kind):
+      tflops = peaks.get(dtype)
+      return None if tflops is None else tflops * 1e12
+  return None
+
+
+def peak_memory() -> tuple[int, str]:
+  """(bytes, source): the first device's peak allocation, else this process' peak RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device"
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == "darwin" else rss * 1024), "host_rss"  # Linux: KiB
+
+
+def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
+  """Compile time and steady-state speed of `train.jit_train_steps` under `config`.
+
+  The step function is lowered and compiled ahead of time (`compile_s`), run
+  once as a warm-up, then timed over ceil(steps / K) calls of K =
+  config.train.steps_per_dispatch steps each. Also returns the trained
+  `state` (for sampling) and the vocabulary size.
+  """
+  config_lib.validate(config)
+  num_shards = config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
+  text, _ = data.load_text(config)
+  tokenizer = data.CharTokenizer.from_text(text)
+  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
+  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
+  mesh = parallel.make_mesh(num_shards)
+  state = train.create_train_state(config, tokenizer.vocab_size, mesh)
+  train_N = parallel.put_replicated(train_ids, mesh)
+  B, T, K = config.train.batch_size, config.model.block_size, config.train.steps_per_dispatch
+
+  start = time.perf_counter()
+  run_steps = train.jit_train_steps.lower(state, train_N, batch_size=B, block_size=T,
+                                          num_steps=K, mesh=mesh).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = run_steps(state, train_N)  # warm-up
+  jax.block_until_ready(metrics)
+
+  calls = math.ceil(steps / K)
+  start = time.perf_counter()
+  for _ in range(calls):
+    state, metrics = run_steps(state, train_N)
+  jax.block_until_ready((state, metrics))
+  seconds = time.perf_counter() - start
+  return {"state": state, "vocab_size": tokenizer.vocab_size, "compile_s": compile_s,
+          "steps": calls * K, "steps_per_s": calls * K / seconds,
+          "tokens_per_s": calls * K * B * T / seconds}
+
+
+def measure_sampling(model_cfg: ModelConfig, params, num_tokens: int, seed: int = 0) -> dict:
+  """Tokens/s of each of SAMPLERS, from a 1-token prompt (token 0) as torch_ref.py does.
+
+  Each decoder is called once to compile and warm up, then timed over one
+  call; a batch's tokens/s counts every row.
+  """
+  params = jax.device_put(params, jax.local_devices()[0])
+  key = jax.random.PRNGKey(seed)
+  speeds = {}
+  for field, method, batch in SAMPLERS:
+    generate = sampling.make_generate(model_cfg, method=method)
+    prompt_B1 = jnp.zeros((batch, 1), jnp.int32)
+    jax.block_until_ready(generate(params, prompt_B1, key, num_tokens))
+    start = time.perf_counter()
+    jax.block_until_ready(generate(params, prompt_B1, key, num_tokens))
+    speeds[field] = batch * num_tokens / (time.perf_counter() - start)
+  return speeds
+
+
+def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -> dict:
+  """One full measurement of ours: training, sampling, FLOPs and memory."""
+  trained = measure_train(config, steps)
+  state = trained.pop("state")
+  model_cfg = state.model_cfg
+  speeds = measure_sampling(model_cfg, state.params, sample_tokens, seed=config.seed)
+  device = jax.local_devices()[0]
+  dtype = model_cfg.dtype
+  fpt = flops_per_token(model_cfg)
+  achieved = fpt * trained["tokens_per_s"]
+  peak = peak_flops(device.device_kind, dtype) if jax.default_backend() == "gpu" else None
+  memory, memory_source = peak_memory()
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "devices": jax.device_count(),
+      "params": count_params(state.params),
+      "vocab_size": trained["vocab_size"],
+      "dtype": dtype,
+      "batch_size": config.train.batch_size,
+      "block_size": config.model.block_size,
+      "steps": trained["steps"],
+      "steps_per_dispatch": config.train.steps_per_dispatch,
+      "sample_tokens": sample_tokens,
+      "compile_s": trained["compile_s"],
+      "steps_per_s": trained["steps_per_s"],
+      "tokens_per_s": trained["tokens_per_s"],
+      "flops_per_token": fpt,
+      "achieved_flops": achieved,
+      "mfu": None if peak is None else achieved / peak,
+      **speeds,
+      "peak_memory_bytes": memory,
+      "peak_memory_source": memory_source,
+      "jax_version": jax.__version__,
+  }
+
+
+# Fields of `measure` that vary run to run; `median_of` takes their medians.
+SPEED_FIELDS = ("steps_per_s", "tokens_per_s", "achieved_flops", "mfu",
+                *(field for field, _, _ in SAMPLERS))
+
+
+def median_of(runs: list[dict], fields=SPEED_FIELDS) -> dict:
+  """The first run, with each of `fields` replaced by its median over `runs`.
+
+  Other fields (compile_s, peak memory) are the first run's: later runs in
+  the same process reuse its compiled programs.
+  """
+  merged = dict(runs[0])
+  for field in fields:
+    values = [r[field] for r in runs]
+    merged[field] = None if None in values else statistics.median(values)
+  return merged
+
+
+# -- The PyTorch reference.
+
+def torch_preset(config_name: str, override: str | None = None) -> str:
+  """torch_ref.py's preset for a config file stem, or `override` if given."""
+  if override is not None:
+    if override not in TORCH_REF_PRESETS:
+      raise UserError(f"--torch_preset={override!r} is not a torch_ref.py preset; use one of "
+                      f"{', '.join(TORCH_REF_PRESETS)}")
+    return override
+  if config_name not in TORCH_PRESETS:
+    raise UserError(f"config {config_name!r} has no torch_ref.py preset; --compare-torch "
+                    f"works for {', '.join(sorted(TORCH_PRESETS))}, or pass --torch_preset= "
+                    f"one of {', '.join(TORCH_REF_PRESETS)}")
+  return TORCH_PRESETS[config_name]
+
+
+def check_torch(script: Path) -> None:
+  """One-line errors, before any work, if the reference cannot run."""
+  if not Path(script).is_file():
+    raise UserError(f"--compare-torch needs the PyTorch reference at {script}, which does "
+                    "not exist; put torch_ref.py there or drop --compare-torch")
+  # Not imported here: it would only add to this process' peak memory.
+  if importlib.util.find_spec("torch") is None:
+    raise UserError("--compare-torch needs PyTorch, which is not installed here; "
+                    "pip install -r tests/requirements.txt")
+
+
+def run_torch_ref(script: Path, preset: str, text_path: Path, steps: int,
+                  sample_tokens: int) -> dict:
+  """torch_ref.py's JSON line for `preset` on `text_path`, run with this Python."""
+  command = [sys.executable, str(script), "--preset", preset, "--text", str(text_path),
+             "--steps", str(steps), "--sample_tokens", str(sample_tokens)]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    raise UserError(f"{script.name} --preset {preset} failed (exit {result.returncode}): {last}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def corpus_path(config: ml_collections.ConfigDict) -> Path:
+  """The text file our config trains on, for torch_ref.py's --text."""
+  return Path(config.data.path) if config.data.path else data.resolve_corpus(config.data.corpus)
+
+
+# Our speed over torch's, each as (ratio field, our field, torch_ref.py's field).
+RATIOS = (("train_speedup", "steps_per_s", "steps_per_s"),
+          ("sample_kv_speedup_vs_torch_naive", "sample_kv_tok_per_s", "naive_sample_tok_per_s"),
+          ("sample_naive_speedup_vs_torch_naive", "sample_naive_tok_per_s",
+           "naive_sample_tok_per_s"))
+TORCH_FIELDS = ("steps_per_s", "tokens_per_s", "naive_sample_tok_per_s")
+
+
+def compare(pairs: list[tuple[dict, dict]]) -> dict:
+  """Torch's figures and our ratios over (ours, torch) pairs measured side by side.
+
+  Each ratio is taken within a pair (same moment, same load), then the median
+  over pairs is reported, with every pair's value in `<ratio>_runs`; torch's
+  speeds are medians too, and its other fields those of the first run.
+  """
+  first = pairs[0][1]
+  out = {"torch_impl": first["impl"], "torch_threads": first["threads"],
+         "torch_params": first["params"],
+         **{f"torch_{f}": statistics.median(t[f] for _, t in pairs) for f in TORCH_FIELDS}}
+  for ratio, ours_field, torch_field in RATIOS:
+    runs = [ours[ours_field] / torch[torch_field] for ours, torch in pairs]
+    out[ratio] = statistics.median(runs)
+    out[f"{ratio}_runs"] = runs
+  return out
+
+
+def summary_line(result: dict) -> str:
+  """A one-line human-readable digest of `result` (launch/benchmark.py's JSON)."""
+  line = (f"{result['config']} on {result['backend']} ({result['device_kind']}): "
+          f"{result['steps_per_s']:.1f} steps/s ({result['tokens_per_s']:,.0f} tok/s), "
+          f"compile {result['compile_s']:.1f} s; sampling tok/s: "
+          f"naive {result['sample_naive_tok_per_s']:,.0f}, "
+          f"kv {result['sample_kv_tok_per_s']:,.0f}, "
+          f"kv x16 {result['sample_kv_batch16_tok_per_s']:,.0f}")
+  if result.get("mfu") is not None:
+    line += f"; MFU {100 * result['mfu']:.1f}%"
+  if "train_speedup" in result:
+    n = len(result["train_speedup_runs"])
+    line += (f" | vs {result['torch_impl']} ({result['torch_preset']}"
+             f"{f', median of {n}' if n > 1 else ''}): train {result['train_speedup']:.2f}x, "
+             f"kv/naive {result['sample_kv_speedup_vs_torch_naive']:.2f}x, "
+             f"naive/naive {result['sample_naive_speedup_vs_torch_naive']:.2f}x")
+  return line
