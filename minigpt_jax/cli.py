@@ -37,6 +37,14 @@ def _unknown_field(argv, key: str) -> str:
   return f"no config field named {key!r}; check the --config.* overrides"
 
 
+def _unreadable_config(argv, error: OSError) -> str:
+  for arg in argv[1:]:
+    name, _, path = arg.partition("=")
+    if name == "--config" and not Path(path.split(":", 1)[0]).is_file():
+      return f"config file {path} does not exist; pass --config=configs/NAME.py"
+  return f"config file could not be read: {str(error).strip().splitlines()[-1]}"
+
+
 def _check_config_files() -> None:
   """ml_collections defers a bad --config file's error; surface it here, in one line."""
   for name in flags.FLAGS:
@@ -62,6 +70,8 @@ def run(main, argv=None) -> None:
   try:
     flags.FLAGS(argv)
     _check_config_files()
+  except OSError as e:  # --config.FIELD overrides make ml_collections load the file early
+    _fail(_unreadable_config(argv, e))
   except flags.Error as e:
     message = str(e)
     if "Traceback" in message:  # a config file raised: keep its final line

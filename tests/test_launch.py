@@ -165,6 +165,9 @@ def test_train_cli_errors_are_one_line(tmp_path):
     _one_line_error(result, *needles)
   _one_line_error(_cli("train.py", "--config=configs/nope.py", f"--workdir={tmp_path}",
                        check=False), "configs/nope.py")
+  # An override makes ml_collections read the file while flags are parsed.
+  _one_line_error(_cli("train.py", "--config=configs/nope.py", "--config.train.steps=3",
+                       f"--workdir={tmp_path}", check=False), "configs/nope.py does not exist")
 
 
 def test_resuming_with_a_config_that_does_not_fit_names_the_field(trained):
