@@ -5,18 +5,23 @@ while prompt + new tokens fit in block_size, and the "chunked" window past it.
 """
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax import sampling
+from minigpt_jax import checkpoint, sampling, train
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
 
 V = 13
 B = 2  # one batch size and a few token counts throughout: compilations are shared
 N = 40  # new tokens past block_size 8: five blocks
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(name="gpt", **kw):
@@ -262,3 +267,28 @@ def test_bad_method_or_window_is_a_user_error():
     sampling.make_generate(cfg, "naive", "slide")
   with pytest.raises(UserError, match="cannot crop"):
     sampling.make_generate(cfg, "kv", "crop")
+
+
+def _sample_cli(*args, check=True):
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / "sample.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_sample_cli_stream_prints_the_same_text(tiny_config, tmp_path):
+  """An untrained checkpoint is enough: --stream prints what the batch path prints."""
+  vocab = {"chars": "\n !,.?abcdefghijklmnopqrstuvwxyz"}
+  state = train.create_train_state(tiny_config, len(vocab["chars"]))
+  checkpoint.save(checkpoint.manager(tmp_path), state, tiny_config.to_dict(), vocab,
+                  {"val_loss": 3.0})
+  args = [f"--workdir={tmp_path}", "--prompt=the ", "--num_tokens=70", "--seed=5"]
+  streamed = _sample_cli(*args, "--stream").stdout
+  assert streamed == _sample_cli(*args).stdout
+  assert streamed.startswith("the ") and len(streamed) == 4 + 70 + 1
+  error = _sample_cli(*args, "--stream", "--num_samples=2", check=False)
+  assert error.returncode == 2 and error.stderr.startswith("error: --stream")
+  # Prompt + 12 characters fill block_size 16: --naive, the lecture's crop, agrees.
+  args[2] = "--num_tokens=12"
+  assert _sample_cli(*args, "--naive").stdout == _sample_cli(*args).stdout
