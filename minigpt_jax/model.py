@@ -10,6 +10,7 @@ tokens at a time, with keys/values of earlier tokens kept in a cache.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -131,6 +132,47 @@ class BigramLM(nn.Module):
 # a loop-carried buffer with a size-1 axis, e.g. B = 1 in [B, H, S, D].
 
 
+class _DecodeDense(nn.Module):
+  """nn.Dense's parameters and math; the kernel may come as column slices.
+
+  With `slice_kernels` each product is many independent ones, which XLA (CPU)
+  spreads over all cores; a single matrix-vector product runs on one core.
+  """
+  features: int
+  dtype: Any
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.is_initializing():
+      kernel = self.param("kernel", _INIT, (x.shape[-1], self.features))
+    else:  # as given: whole [in, out] or a tuple of [in, out_i] slices
+      kernel = self.get_variable("params", "kernel")
+    x_MK = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: no per-slice reshapes
+    slices = kernel if isinstance(kernel, tuple) else (kernel,)
+    y = jnp.concatenate([x_MK @ k.astype(self.dtype) for k in slices], axis=-1)
+    y = y.reshape(*x.shape[:-1], self.features)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+def slice_kernels(params, pieces: int = 16):
+  """GPT params with each block's kernels cut into `pieces` column slices, for GPTDecoder.
+
+  Slicing copies the weights once; do it outside the decode loop. On a
+  2-core CPU, 16 pieces made frost_t4's batch-1 decode 10-20% faster (a bare
+  chain of its products 1.5x); 4 or 8 did not help, as XLA hands work to
+  another thread only when many operations are ready at once.
+  """
+  def cut(path, x):
+    if path[0].key.startswith("block_") and path[-1].key == "kernel":
+      return tuple(jnp.array_split(x, pieces, axis=1))
+    return x
+
+  return jax.tree_util.tree_map_with_path(cut, params)
+
+
 class CachedSelfAttention(nn.Module):
   """CausalSelfAttention on T new tokens at window positions [pos, pos + T).
 
@@ -146,7 +188,7 @@ class CachedSelfAttention(nn.Module):
     k_NSD, v_NSD = kv
     S = k_NSD.shape[1]
     H, D = cfg.n_heads, C // cfg.n_heads
-    qkv_BT3C = _dense(3 * C, "qkv", cfg.dtype, use_bias=False)(x_BTC)
+    qkv_BT3C = _DecodeDense(3 * C, cfg.dtype, use_bias=False, name="qkv")(x_BTC)
     # [B, T, H, D] -> [B * H, T, D]: each head a row of the cache.
     q_NTD, k_new_NTD, v_new_NTD = (a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
                                    .reshape(B * H, T, D)
@@ -158,13 +200,24 @@ class CachedSelfAttention(nn.Module):
     scores_NTS = jnp.where(visible_TS, scores_NTS.astype(jnp.float32), -jnp.inf)
     weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(cfg.dtype)
     y_NTD = jnp.einsum("nqk,nkd->nqd", weights_NTS, v_NSD)
-    y_BTC = _dense(C, "proj", cfg.dtype)(
+    y_BTC = _DecodeDense(C, cfg.dtype, name="proj")(
         y_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C))
     return y_BTC, (k_NSD, v_NSD)
 
 
+class CachedMLP(nn.Module):
+  """MLP without dropout, its kernels possibly sliced."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC):
+    C = x_BTC.shape[-1]
+    h_BTF = nn.relu(_DecodeDense(4 * C, self.cfg.dtype, name="fc")(x_BTC))
+    return _DecodeDense(C, self.cfg.dtype, name="proj")(h_BTF)
+
+
 class CachedBlock(nn.Module):
-  """Block with CachedSelfAttention; no dropout (decoding is deterministic)."""
+  """Block with CachedSelfAttention and CachedMLP."""
   cfg: ModelConfig
 
   @nn.compact
@@ -172,7 +225,7 @@ class CachedBlock(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=_LN_EPS, dtype=self.cfg.dtype, name=name)
     y_BTC, kv = CachedSelfAttention(self.cfg, name="attn")(ln("ln1")(x_BTC), kv, pos)
     x_BTC = x_BTC + y_BTC
-    return x_BTC + MLP(self.cfg, name="mlp")(ln("ln2")(x_BTC), deterministic=True), kv
+    return x_BTC + CachedMLP(self.cfg, name="mlp")(ln("ln2")(x_BTC)), kv
 
 
 class GPTDecoder(nn.Module):
@@ -180,7 +233,8 @@ class GPTDecoder(nn.Module):
 
   idx_BT are window positions [pos, pos + T); returns (logits_BTV, cache).
   Prefill is T = prompt length at pos 0; each later step is T = 1. The
-  logits equal GPT's on the whole window up to float rounding.
+  logits equal GPT's on the whole window up to float rounding, with params
+  as GPT has them or through `slice_kernels`.
   """
   cfg: ModelConfig
 

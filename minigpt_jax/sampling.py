@@ -32,7 +32,8 @@ import numpy as np
 from jax import lax
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import GPTDecoder, ModelConfig, build_model, init_cache
+from minigpt_jax.model import (GPTDecoder, ModelConfig, build_model, init_cache,
+                               slice_kernels)
 
 METHODS = ("kv", "naive")
 WINDOWS = ("crop", "chunked")
@@ -210,6 +211,7 @@ def _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC):
 def _generate_kv(params, prompt_BP, prompt_len, key, temperature, *, cfg: ModelConfig,
                  num_tokens: int, top_k: int):
   """As `_generate_naive(window="chunked")`, with a KV cache: int32 [B, num_tokens]."""
+  params = slice_kernels(params)  # once, before the loop
   state = _kv_prefill(params, prompt_BP, prompt_len, cfg)
   out_BN = jnp.zeros((prompt_BP.shape[0], num_tokens), jnp.int32)
   return _kv_steps(params, state, key, temperature, num_tokens, cfg, top_k, out_BN)[1]
@@ -223,9 +225,15 @@ def _kv_start(params, prompt_BP, prompt_len, *, cfg: ModelConfig) -> DecodeState
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "chunk"), donate_argnames="state")
 def _kv_continue(params, state, key, temperature, count, *, cfg: ModelConfig, top_k: int,
                  chunk: int):
-  """`count` <= chunk more tokens: (state, int32 [B, chunk] whose first `count` are real)."""
+  """`count` <= chunk more tokens: (state, int32 [B, chunk] whose first `count` are real).
+
+  params come through `slice_kernels`, done once per stream rather than per piece.
+  """
   out_BC = jnp.zeros((state.next_B.shape[0], chunk), jnp.int32)
   return _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC)
+
+
+_slice_kernels = jax.jit(slice_kernels)
 
 
 # ------------------------------------------------------------------ interface
@@ -299,6 +307,7 @@ def make_stream(cfg: ModelConfig, chunk: int = 32):
     prompt_BP, prompt_len = _prepare(cfg, prompt_ids, "kv")
     temperature = jnp.float32(temperature)
     top_k = min(int(top_k), cfg.vocab_size)
+    params = _slice_kernels(params)
     state = _kv_start(params, prompt_BP, prompt_len, cfg=cfg)
     for done in range(0, num_tokens, chunk):
       count = min(chunk, num_tokens - done)

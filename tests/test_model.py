@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minigpt_jax.model import (GPTDecoder, ModelConfig, build_model, count_params,
-                               cross_entropy, init_cache, init_params)
+                               cross_entropy, init_cache, init_params, slice_kernels)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -203,14 +203,17 @@ def test_decoder_reads_gpt_params():
   assert shapes(dec) == shapes(gpt)
 
 
-@pytest.mark.parametrize("B, n_heads, prefill", [(2, 2, 3), (1, 2, 1), (1, 1, 8)])
-def test_decoder_matches_gpt_forward(B, n_heads, prefill):
-  """Prefill plus cached steps give GPT's logits at every position, up to rounding."""
+@pytest.mark.parametrize("B, n_heads, prefill, pieces", [
+    (2, 2, 3, 0), (1, 2, 1, 0), (1, 1, 8, 0), (2, 2, 3, 16), (1, 2, 1, 5)])
+def test_decoder_matches_gpt_forward(B, n_heads, prefill, pieces):
+  """Prefill plus cached steps give GPT's logits at every position, up to rounding,
+  with the kernels whole (pieces=0) or cut by slice_kernels (5 does not divide them)."""
   cfg = _tiny("gpt", n_heads=n_heads)
   model, params = _setup(cfg)
   idx_BT = _tokens(jax.random.key(7), B, cfg.block_size)
   want_BTV = _apply(model, deterministic=True)(params, idx_BT)
-  got_BTV = _decode_logits(cfg, params, idx_BT, prefill)
+  decode_params = slice_kernels(params, pieces) if pieces else params
+  got_BTV = _decode_logits(cfg, decode_params, idx_BT, prefill)
   np.testing.assert_allclose(got_BTV, want_BTV, atol=2e-5, rtol=1e-5)
 
 
