@@ -4,6 +4,12 @@
 
 Only the generated text (prompt included) goes to stdout, so it can be piped;
 several samples are separated by a line of dashes. Logs go to stderr.
+
+Decoding uses the KV cache; past block_size its window restarts from the last
+block_size // 2 characters (see minigpt_jax/sampling.py). --naive reruns the
+lecture's cropped window for every character instead: slower, and past
+block_size a different text. --stream prints the text as it is generated,
+the same text as without it.
 """
 
 import sys
@@ -26,6 +32,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0)
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest (0: all; 1: greedy).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent samples, in one batch.")
+_NAIVE = flags.DEFINE_bool("naive", False, "Decode as the lecture does, without a cache: the "
+                           "last block_size characters rerun for each new one (slow).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print characters as they are generated "
+                            "(one sample, KV decode).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -34,14 +44,27 @@ def main():
     raise UserError("--step and --best pick different checkpoints; pass only one")
   sampling.validate_request(_NUM_TOKENS.value, _TEMPERATURE.value, _TOP_K.value,
                             _NUM_SAMPLES.value)
+  if _STREAM.value and _NAIVE.value:
+    raise UserError("--stream works with the KV decode only; drop --naive or --stream")
+  if _STREAM.value and _NUM_SAMPLES.value > 1:
+    raise UserError("--stream prints one sample; drop --num_samples or --stream")
   model_cfg, params, tokenizer, step = checkpoint.load_for_sampling(
       _WORKDIR.value, step=_STEP.value, best=_BEST.value)
   prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
   print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} characters from step {step} "
         f"of {_WORKDIR.value}", file=sys.stderr)
-  generate = sampling.make_generate(model_cfg)
-  out_BN = generate(params, prompt_ids, jax.random.PRNGKey(_SEED.value), _NUM_TOKENS.value,
-                    _TEMPERATURE.value, _TOP_K.value)
+  key = jax.random.PRNGKey(_SEED.value)
+  if _STREAM.value:
+    print(prompt, end="", flush=True)
+    stream = sampling.make_stream(model_cfg)
+    for piece_BN in stream(params, prompt_ids, key, _NUM_TOKENS.value, _TEMPERATURE.value,
+                           _TOP_K.value):
+      print(tokenizer.decode(piece_BN[0]), end="", flush=True)
+    print()
+    return
+  generate = sampling.make_generate(model_cfg, "naive" if _NAIVE.value else "kv")
+  out_BN = generate(params, prompt_ids, key, _NUM_TOKENS.value, _TEMPERATURE.value,
+                    _TOP_K.value)
   texts = [prompt + tokenizer.decode(row) for row in jax.device_get(out_BN)]
   print("\n---------------\n".join(texts))
 

@@ -4,14 +4,19 @@
 returns logits_BTV for both. Layers follow the lecture's final gpt.py so that
 its PyTorch weights map one to one: normal(0.02) weights, zero biases,
 LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_size).
+
+`GPTDecoder` is GPT for KV-cache decoding: the same parameter tree, fed a few
+tokens at a time, with keys/values of earlier tokens kept in a cache.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
@@ -138,6 +143,145 @@ class BigramLM(nn.Module):
     table = nn.Embed(self.cfg.vocab_size, self.cfg.vocab_size,
                      embedding_init=_INIT, name="table")
     return table(idx_BT).astype(jnp.float32)
+
+
+# KV-cache decoding. The modules below read GPT's parameter tree unchanged
+# (same names, same layers), so any checkpoint decodes; they never train.
+# A cache holds keys and values for one window of at most block_size tokens:
+# one (k_NSD, v_NSD) pair per layer, N = batch * heads (row b * H + h),
+# S = block_size, slot s = window position s. Each pair is its own buffer so a
+# step can update it in place; the merged N axis matters too: XLA (CPU) copies
+# a loop-carried buffer with a size-1 axis, e.g. B = 1 in [B, H, S, D].
+
+
+class _DecodeDense(nn.Module):
+  """nn.Dense's parameters and math; the kernel may come as column slices.
+
+  With `slice_kernels` each product is many independent ones, which XLA (CPU)
+  spreads over all cores; a single matrix-vector product runs on one core.
+  """
+  features: int
+  dtype: Any
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.is_initializing():
+      kernel = self.param("kernel", _INIT, (x.shape[-1], self.features))
+    else:  # as given: whole [in, out] or a tuple of [in, out_i] slices
+      kernel = self.get_variable("params", "kernel")
+    x_MK = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: no per-slice reshapes
+    slices = kernel if isinstance(kernel, tuple) else (kernel,)
+    y = jnp.concatenate([x_MK @ k.astype(self.dtype) for k in slices], axis=-1)
+    y = y.reshape(*x.shape[:-1], self.features)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+def slice_kernels(params, pieces: int = 16):
+  """GPT params with each block's kernels cut into `pieces` column slices, for GPTDecoder.
+
+  Slicing copies the weights once; do it outside the decode loop. On a
+  2-core CPU, 16 pieces made frost_t4's batch-1 decode 10-20% faster (a bare
+  chain of its products 1.5x); 4 or 8 did not help, as XLA hands work to
+  another thread only when many operations are ready at once.
+  """
+  def cut(path, x):
+    if path[0].key.startswith("block_") and path[-1].key == "kernel":
+      return tuple(jnp.array_split(x, pieces, axis=1))
+    return x
+
+  return jax.tree_util.tree_map_with_path(cut, params)
+
+
+class CachedSelfAttention(nn.Module):
+  """CausalSelfAttention on T new tokens at window positions [pos, pos + T).
+
+  Their keys/values are written into the cache first; query t then attends to
+  slots <= pos + t, so stale slots past the window's end are never seen.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC, kv, pos):
+    cfg = self.cfg
+    B, T, C = x_BTC.shape
+    k_NSD, v_NSD = kv
+    S = k_NSD.shape[1]
+    H, D = cfg.n_heads, C // cfg.n_heads
+    qkv_BT3C = _DecodeDense(3 * C, cfg.dtype, use_bias=False, name="qkv")(x_BTC)
+    # [B, T, H, D] -> [B * H, T, D]: each head a row of the cache.
+    q_NTD, k_new_NTD, v_new_NTD = (a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+                                   .reshape(B * H, T, D)
+                                   for a in jnp.split(qkv_BT3C, 3, axis=-1))
+    k_NSD = lax.dynamic_update_slice_in_dim(k_NSD, k_new_NTD.astype(k_NSD.dtype), pos, 1)
+    v_NSD = lax.dynamic_update_slice_in_dim(v_NSD, v_new_NTD.astype(v_NSD.dtype), pos, 1)
+    scores_NTS = jnp.einsum("nqd,nkd->nqk", q_NTD, k_NSD) * D ** -0.5
+    visible_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
+    scores_NTS = jnp.where(visible_TS, scores_NTS.astype(jnp.float32), -jnp.inf)
+    weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(cfg.dtype)
+    y_NTD = jnp.einsum("nqk,nkd->nqd", weights_NTS, v_NSD)
+    y_BTC = _DecodeDense(C, cfg.dtype, name="proj")(
+        y_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C))
+    return y_BTC, (k_NSD, v_NSD)
+
+
+class CachedMLP(nn.Module):
+  """MLP without dropout, its kernels possibly sliced."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC):
+    C = x_BTC.shape[-1]
+    h_BTF = nn.relu(_DecodeDense(4 * C, self.cfg.dtype, name="fc")(x_BTC))
+    return _DecodeDense(C, self.cfg.dtype, name="proj")(h_BTF)
+
+
+class CachedBlock(nn.Module):
+  """Block with CachedSelfAttention and CachedMLP."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTC, kv, pos):
+    ln = lambda name: nn.LayerNorm(epsilon=_LN_EPS, dtype=self.cfg.dtype, name=name)
+    y_BTC, kv = CachedSelfAttention(self.cfg, name="attn")(ln("ln1")(x_BTC), kv, pos)
+    x_BTC = x_BTC + y_BTC
+    return x_BTC + CachedMLP(self.cfg, name="mlp")(ln("ln2")(x_BTC)), kv
+
+
+class GPTDecoder(nn.Module):
+  """GPT for decoding: `apply({"params": gpt_params}, idx_BT, pos, cache)`.
+
+  idx_BT are window positions [pos, pos + T); returns (logits_BTV, cache).
+  Prefill is T = prompt length at pos 0; each later step is T = 1. The
+  logits equal GPT's on the whole window up to float rounding, with params
+  as GPT has them or through `slice_kernels`.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, idx_BT, pos, cache):
+    cfg = self.cfg
+    T = idx_BT.shape[1]
+    tok_BTC = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT,
+                       name="tok_embed")(idx_BT)
+    pos_embed = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT, name="pos_embed")
+    x_BTC = (tok_BTC + pos_embed(pos + jnp.arange(T))).astype(cfg.dtype)
+    new_cache = []
+    for i in range(cfg.n_layer):
+      x_BTC, kv = CachedBlock(cfg, name=f"block_{i}")(x_BTC, cache[i], pos)
+      new_cache.append(kv)
+    x_BTC = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.dtype, name="ln_f")(x_BTC)
+    logits_BTV = _dense(cfg.vocab_size, "lm_head", cfg.dtype)(x_BTC).astype(jnp.float32)
+    return logits_BTV, tuple(new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int):
+  """An empty GPTDecoder cache: n_layer pairs (k_NSD, v_NSD) of zeros."""
+  shape = (batch_size * cfg.n_heads, cfg.block_size, cfg.n_embed // cfg.n_heads)
+  return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+               for _ in range(cfg.n_layer))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

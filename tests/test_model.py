@@ -1,4 +1,4 @@
-"""Tests for minigpt_jax.model: shapes, parameter count, causality, init, dtypes."""
+"""Tests for minigpt_jax.model: shapes, parameter count, causality, init, dtypes, decoding."""
 
 import math
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax.model import (Dropout, ModelConfig, build_model, count_params, cross_entropy,
-                               init_params)
+from minigpt_jax.model import (Dropout, GPTDecoder, ModelConfig, build_model, count_params,
+                               cross_entropy, init_cache, init_params, slice_kernels)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -191,3 +191,53 @@ def test_bfloat16_compute(name):
   for g in jax.tree_util.tree_leaves(grads):
     assert g.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def _decode_logits(cfg, params, idx_BT, prefill: int, cache=None):
+  """Logits of every position: prefill the first `prefill` tokens, then one at a time."""
+  decoder = GPTDecoder(cfg)
+  run = jax.jit(lambda idx, pos, cache: decoder.apply({"params": params}, idx, pos, cache))
+  cache = init_cache(cfg, idx_BT.shape[0]) if cache is None else cache
+  logits_BPV, cache = run(idx_BT[:, :prefill], 0, cache)
+  out = [logits_BPV]
+  for t in range(prefill, idx_BT.shape[1]):
+    logits_B1V, cache = run(idx_BT[:, t:t + 1], t, cache)
+    out.append(logits_B1V)
+  return np.concatenate(out, axis=1)
+
+
+def test_decoder_reads_gpt_params():
+  """Same names and shapes, so every GPT checkpoint decodes."""
+  cfg = _tiny("gpt")
+  idx_BT = jnp.zeros((1, cfg.block_size), jnp.int32)
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+  gpt = jax.eval_shape(lambda k: init_params(build_model(cfg), k), jax.random.key(0))
+  dec = jax.eval_shape(lambda k: GPTDecoder(cfg).init(k, idx_BT, 0, init_cache(cfg, 1)),
+                       jax.random.key(0))["params"]
+  assert shapes(dec) == shapes(gpt)
+
+
+@pytest.mark.parametrize("B, n_heads, prefill, pieces", [
+    (2, 2, 3, 0), (1, 2, 1, 0), (1, 1, 8, 0), (2, 2, 3, 16), (1, 2, 1, 5)])
+def test_decoder_matches_gpt_forward(B, n_heads, prefill, pieces):
+  """Prefill plus cached steps give GPT's logits at every position, up to rounding,
+  with the kernels whole (pieces=0) or cut by slice_kernels (5 does not divide them)."""
+  cfg = _tiny("gpt", n_heads=n_heads)
+  model, params = _setup(cfg)
+  idx_BT = _tokens(jax.random.key(7), B, cfg.block_size)
+  want_BTV = _apply(model, deterministic=True)(params, idx_BT)
+  decode_params = slice_kernels(params, pieces) if pieces else params
+  got_BTV = _decode_logits(cfg, decode_params, idx_BT, prefill)
+  np.testing.assert_allclose(got_BTV, want_BTV, atol=2e-5, rtol=1e-5)
+
+
+def test_decoder_ignores_stale_cache_slots():
+  """Slots at and past a token's position (old windows' leftovers) are never read."""
+  cfg = _tiny("gpt")
+  _, params = _setup(cfg)
+  idx_BT = _tokens(jax.random.key(8), 2, cfg.block_size)
+  clean_BTV = _decode_logits(cfg, params, idx_BT, prefill=2)
+  keys = iter(jax.random.split(jax.random.key(9), 2 * cfg.n_layer))
+  stale = tuple((jax.random.normal(next(keys), k.shape), jax.random.normal(next(keys), v.shape))
+                for k, v in init_cache(cfg, 2))
+  np.testing.assert_array_equal(_decode_logits(cfg, params, idx_BT, 2, stale), clean_BTV)
