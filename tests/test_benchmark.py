@@ -1,6 +1,5 @@
 """launch/benchmark.py and minigpt_jax/benchmark.py: the JSON line, FLOPs, errors, torch."""
 
-import inspect
 import json
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt_jax import benchmark, sampling
+from minigpt_jax import benchmark
 from minigpt_jax.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,22 +25,10 @@ TORCH_FIELDS = {"torch_preset", "torch_impl", "torch_threads", "torch_params",
                 "torch_steps_per_s", "torch_tokens_per_s", "torch_naive_sample_tok_per_s",
                 *RATIOS, *(f"{r}_runs" for r in RATIOS)}
 
-# TEMPORARY, until the kv branch is merged: it adds make_generate(cfg, method="kv"|"naive"),
-# which the benchmark calls. Before then, both methods run today's (naive) decoder.
-# Delete _SHIM and its use in _cli once `method` is in sampling.make_generate.
-_NEEDS_SHIM = "method" not in inspect.signature(sampling.make_generate).parameters
-_SHIM = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); from minigpt_jax import sampling; "
-         "old = sampling.make_generate; "
-         "sampling.make_generate = lambda cfg, method='kv': old(cfg); "
-         "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-
 
 def _cli(*args):
-  script = str(ROOT / "launch" / "benchmark.py")
-  command = ([sys.executable, "-c", _SHIM, str(ROOT), script] if _NEEDS_SHIM
-             else [sys.executable, script])
-  return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _json_line(result) -> dict:
