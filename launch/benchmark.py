@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import benchmark, cli  # noqa: E402
+from minigpt_jax import benchmark, cli, parallel  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"
@@ -45,6 +45,8 @@ _COMPARE = flags.DEFINE_bool("compare-torch", False,
 _TORCH_PRESET = flags.DEFINE_string("torch_preset", None,
                                     "torch_ref.py preset (default: the config's own).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Measurements (ours, then torch) to take medians of.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Split the CPU into N devices, data-parallel, as train.py does.")
 flags.mark_flag_as_required("config")
 
 
@@ -60,6 +62,8 @@ def _rounded(value):
 
 
 def main():
+  if _CPU_DEVICES.value is not None:
+    parallel.set_cpu_devices(_CPU_DEVICES.value)
   for name, value in (("steps", _STEPS.value), ("sample_tokens", _SAMPLE_TOKENS.value),
                       ("repeats", _REPEATS.value)):
     if value < 1:

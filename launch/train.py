@@ -26,10 +26,14 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index, 0..N-1.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Split the CPU into N devices and train data-parallel over its cores.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
+  if _CPU_DEVICES.value is not None:
+    parallel.set_cpu_devices(_CPU_DEVICES.value)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)

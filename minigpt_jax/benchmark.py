@@ -125,8 +125,11 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
 
   calls = math.ceil(steps / K)
   start = time.perf_counter()
+  wait = parallel.wait_each_call(mesh)
   for _ in range(calls):
     state, metrics = run_steps(state, train_N)
+    if wait:
+      jax.block_until_ready(metrics)
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
   return {"state": state, "vocab_size": tokenizer.vocab_size, "compile_s": compile_s,

@@ -238,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   splits = {"train": parallel.put_replicated(train_ids, mesh),
             "val": parallel.put_replicated(val_ids, mesh)}
   run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
+  wait_each_call = parallel.wait_each_call(mesh)
   evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
                                eval_iters=config.train.eval_iters, mesh=mesh)
 
@@ -277,6 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       while step < steps:
         n = _steps_in_next_call(step, config)
         state, metrics = run_steps(state, splits["train"], num_steps=n)
+        if wait_each_call:
+          jax.block_until_ready(metrics)
         step += n
         if loop_start is None:
           jax.block_until_ready(metrics)

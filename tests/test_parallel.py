@@ -10,12 +10,14 @@ import random
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import config as config_lib
+from minigpt_jax import config as config_lib, parallel
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,29 @@ def test_one_device_then_four_match_one_device(one_device, tmp_path):
   _train(tmp_path, 20, 4)
   _assert_same_losses(_losses(tmp_path), _losses(one_device))
   assert json.loads((tmp_path / "summary.json").read_text())["devices"] == 4
+
+
+def test_cpu_devices_flag_matches_one_device(one_device, tmp_path):
+  """--cpu_devices=2 splits the CPU without XLA_FLAGS; one step per call: same losses."""
+  _train(tmp_path, 20, 1, "--cpu_devices=2", "--config.train.steps_per_dispatch=1")
+  _assert_same_losses(_losses(tmp_path), _losses(one_device))
+  assert json.loads((tmp_path / "summary.json").read_text())["devices"] == 2
+
+
+def test_cpu_devices_after_jax_started_is_a_one_line_error():
+  jax.devices()  # JAX has started in this process
+  with pytest.raises(UserError, match=r"--cpu_devices came after JAX had started"):
+    parallel.set_cpu_devices(2)
+  with pytest.raises(UserError, match=r"--cpu_devices is 0; use a positive integer"):
+    parallel.set_cpu_devices(0)
+
+
+def test_only_several_cpu_devices_wait_for_each_call():
+  """Queued calls over several CPU devices can deadlock XLA's all-reduce."""
+  assert not parallel.wait_each_call(None)
+  assert not parallel.wait_each_call(parallel.make_mesh(1))
+  two_cpus = types.SimpleNamespace(devices=np.array(jax.devices("cpu")[:1] * 2))
+  assert parallel.wait_each_call(two_cpus)
 
 
 def _free_port(candidates=(0,)) -> int:
