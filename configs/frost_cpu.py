@@ -14,6 +14,7 @@ def get_config():
   config.data.corpus = "frost"
   config.model.update(name="gpt", block_size=32, n_embed=64, n_heads=4, n_layer=4,
                       dropout=0.0)
+  # Ten steps per compiled call: 10% faster at this size (README "Speed").
   config.train.update(batch_size=16, steps=5000, learning_rate=1e-3,
-                      eval_interval=500, eval_iters=200)
+                      eval_interval=500, eval_iters=200, steps_per_dispatch=10)
   return config
