@@ -67,6 +67,10 @@ def run(main, argv=None) -> None:
   """Parses absl flags, calls `main()`, and turns user errors into one line."""
   _quiet_libraries()
   argv = sys.argv if argv is None else argv
+  if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nflags:\n" +
+          flags.FLAGS.main_module_help())
+    sys.exit(0)
   try:
     flags.FLAGS(argv)
     _check_config_files()

@@ -189,3 +189,11 @@ def test_data_dir_env_is_respected(tmp_path):
   result = _cli("train.py", "--config=configs/frost_cpu.py", f"--workdir={tmp_path / 'w'}",
                 check=False, env=env)
   _one_line_error(result, "sha256", "frost.txt")
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "benchmark.py", "plot.py",
+                                    "import_torch.py"])
+def test_help_prints_usage_and_flags(script):
+  result = _cli(script, "--help")
+  assert f"python launch/{script}" in result.stdout
+  assert "--workdir" in result.stdout or "--config" in result.stdout
