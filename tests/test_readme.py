@@ -6,12 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-SHRINK = ["--config.model.block_size=16", "--config.model.n_embed=32",
-          "--config.model.n_heads=2", "--config.model.n_layer=1",
-          "--config.train.batch_size=4", "--config.train.steps=2",
-          "--config.train.eval_interval=1", "--config.train.eval_iters=1",
-          "--config.train.sample_tokens=0"]
+MODEL = ["--config.model.block_size=16", "--config.model.n_embed=32",
+         "--config.model.n_heads=2", "--config.model.n_layer=1"]
+SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
+                  "--config.train.eval_interval=1", "--config.train.eval_iters=1",
+                  "--config.train.sample_tokens=0"]
+BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
+                        "--repeats=1"]
+ORDER = ("import_torch.py", "train.py", "benchmark.py", "plot.py", "sample.py")
 
 
 def readme_commands() -> list[list[str]]:
@@ -22,22 +27,81 @@ def readme_commands() -> list[list[str]]:
   return [shlex.split(line) for line in lines if line.startswith("python launch/")]
 
 
-def _with_workdir(args, workdir):
-  return [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in args]
+def _script(args) -> str:
+  return Path(args[1]).name
+
+
+def _flag(args, name):
+  return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
+
+
+def _replace(args, name, value):
+  return [f"--{name}={value}" if a.startswith(f"--{name}=") else a for a in args]
+
+
+def _drop(args, *names):
+  return [a for a in args if a.split("=", 1)[0] not in {f"--{n}" for n in names}]
+
+
+def _lecture_state_dict(text: str) -> dict:
+  """Random weights in the lecture's gpt.py layout, at the MODEL sizes."""
+  torch = pytest.importorskip("torch")
+  V, T, C, H, L = len(set(text)), 16, 32, 2, 1
+  r = lambda *shape: torch.randn(*shape) * 0.02
+  sd = {"token_embedding_table.weight": r(V, C), "position_embedding_table.weight": r(T, C),
+        "ln_f.weight": torch.ones(C), "ln_f.bias": torch.zeros(C),
+        "lm_head.weight": r(V, C), "lm_head.bias": torch.zeros(V)}
+  for i in range(L):
+    b = f"blocks.{i}."
+    for j in range(H):
+      for kind in ("key", "query", "value"):
+        sd[f"{b}sa.heads.{j}.{kind}.weight"] = r(C // H, C)
+      sd[f"{b}sa.heads.{j}.tril"] = torch.tril(torch.ones(T, T))
+    sd.update({f"{b}sa.proj.weight": r(C, C), f"{b}sa.proj.bias": torch.zeros(C),
+               f"{b}ffwd.net.0.weight": r(4 * C, C), f"{b}ffwd.net.0.bias": torch.zeros(4 * C),
+               f"{b}ffwd.net.2.weight": r(C, 4 * C), f"{b}ffwd.net.2.bias": torch.zeros(C)})
+    for ln in ("ln1", "ln2"):
+      sd[f"{b}{ln}.weight"], sd[f"{b}{ln}.bias"] = torch.ones(C), torch.zeros(C)
+  return sd
+
+
+def _shrunk(args, tmp_path, workdirs):
+  """The command with tmp workdirs and files, at a size that runs in seconds."""
+  script = _script(args)
+  if script in ("train.py", "import_torch.py"):
+    workdir = _flag(args, "workdir")
+    workdirs[workdir] = tmp_path / Path(workdir).name
+    args = _replace(args, "workdir", workdirs[workdir])
+  if script == "train.py":
+    return args + SHRINK
+  if script == "import_torch.py":
+    text = "ROMEO: But soft, what light through yonder window breaks?\n"
+    (tmp_path / "input.txt").write_text(text)
+    import torch
+    torch.save(_lecture_state_dict(text), tmp_path / "model.pt")
+    args = _replace(_replace(args, "text", tmp_path / "input.txt"),
+                    "state_dict", tmp_path / "model.pt")
+    return args + MODEL
+  if script == "benchmark.py":
+    extra = ["--torch_preset=frost_cpu"] if "--compare-torch" in args else []
+    return _drop(args, "steps", "sample_tokens", "repeats") + BENCH_SHRINK + extra
+  if script == "plot.py":
+    args = [f"--workdir={workdirs[a.split('=', 1)[1]]}" if a.startswith("--workdir=") else a
+            for a in args]
+    return _replace(args, "out", tmp_path / Path(_flag(args, "out")).name)
+  if script == "sample.py":
+    args = _replace(args, "workdir", workdirs[_flag(args, "workdir")])
+    return _drop(args, "num_tokens") + ["--num_tokens=5"]
+  raise AssertionError(f"test_readme does not know how to shrink {script}")
 
 
 def test_readme_commands_run(tmp_path):
   commands = readme_commands()
-  assert any("train.py" in c[1] for c in commands) and any("sample.py" in c[1] for c in commands)
-  trained = {}
-  for args in sorted(commands, key=lambda c: "sample.py" in c[1]):  # train first
-    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
-    if "train.py" in args[1]:
-      trained[workdir] = tmp_path / Path(workdir).name
-      argv = _with_workdir(args, trained[workdir]) + SHRINK
-    else:
-      argv = _with_workdir(args, trained[workdir])
-      argv = [a for a in argv if not a.startswith("--num_tokens=")] + ["--num_tokens=5"]
+  for script in ORDER:
+    assert any(_script(c) == script for c in commands), f"no {script} command in the README"
+  workdirs = {}
+  for args in sorted(commands, key=lambda c: ORDER.index(_script(c))):
+    argv = _shrunk(args, tmp_path, workdirs)
     result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, f"{shlex.join(args)}\n{result.stderr[-2000:]}"
