@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import config as config_lib, data, parallel, sampling, train
+from minigpt_jax import data, parallel, sampling, train
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -105,15 +105,10 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
   config.train.steps_per_dispatch steps each. Also returns the trained
   `state` (for sampling) and the vocabulary size.
   """
-  config_lib.validate(config)
-  num_shards = config_lib.validate_for_devices(config, jax.device_count(), jax.process_count())
-  text, _ = data.load_text(config)
-  tokenizer = data.CharTokenizer.from_text(text)
-  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
-  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
-  mesh = parallel.make_mesh(num_shards)
-  state = train.create_train_state(config, tokenizer.vocab_size, mesh)
-  train_N = parallel.put_replicated(train_ids, mesh)
+  corpus = train.load_corpus(config)
+  mesh = corpus.mesh
+  state = train.create_train_state(config, corpus.tokenizer.vocab_size, mesh)
+  train_N = parallel.put_replicated(corpus.train_ids, mesh)
   B, T, K = config.train.batch_size, config.model.block_size, config.train.steps_per_dispatch
 
   start = time.perf_counter()
@@ -132,7 +127,7 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
       jax.block_until_ready(metrics)
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
-  return {"state": state, "vocab_size": tokenizer.vocab_size, "compile_s": compile_s,
+  return {"state": state, "vocab_size": corpus.tokenizer.vocab_size, "compile_s": compile_s,
           "steps": calls * K, "steps_per_s": calls * K / seconds,
           "tokens_per_s": calls * K * B * T / seconds}
 
@@ -166,7 +161,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
   dtype = model_cfg.dtype
   fpt = flops_per_token(model_cfg)
   achieved = fpt * trained["tokens_per_s"]
-  peak = peak_flops(device.device_kind, dtype) if jax.default_backend() == "gpu" else None
+  peak = peak_flops(device.device_kind, dtype)
   memory, memory_source = peak_memory()
   return {
       "backend": jax.default_backend(),

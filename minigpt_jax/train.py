@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -191,6 +192,30 @@ def _steps_in_next_call(step: int, config: ml_collections.ConfigDict) -> int:
   return t.steps_per_dispatch if step + t.steps_per_dispatch <= next_event else 1
 
 
+class Corpus(NamedTuple):
+  tokenizer: data.CharTokenizer
+  name: str
+  train_ids: np.ndarray
+  val_ids: np.ndarray
+  mesh: Mesh  # the data-parallel mesh the config asks for
+
+
+def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
+  """Checks `config` against the devices and the text, then loads and splits the text.
+
+  Every user mistake in the config or the data fails here, in one line,
+  before anything compiles.
+  """
+  config_lib.validate(config)
+  num_shards = config_lib.validate_for_devices(config, jax.device_count(),
+                                               jax.process_count())
+  text, name = data.load_text(config)
+  tokenizer = data.CharTokenizer.from_text(text)
+  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
+  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
+  return Corpus(tokenizer, name, train_ids, val_ids, parallel.make_mesh(num_shards))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        log=None, show_progress: bool = True) -> dict:
   """Trains (or resumes) in `workdir`; returns the summary also written to summary.json.
@@ -206,15 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
 
   # -- Config, devices and data: every user mistake is caught here, before compiling.
-  config_lib.validate(config)
-  num_shards = config_lib.validate_for_devices(config, jax.device_count(),
-                                               jax.process_count())
-  text, corpus_name = data.load_text(config)
-  tokenizer = data.CharTokenizer.from_text(text)
-  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
-  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
+  corpus = load_corpus(config)
+  tokenizer, corpus_name, mesh = corpus.tokenizer, corpus.name, corpus.mesh
+  train_ids, val_ids = corpus.train_ids, corpus.val_ids
+  num_shards = mesh.devices.size
   vocab = tokenizer.to_json()
-  mesh = parallel.make_mesh(num_shards)
 
   # -- Checkpoints: resume from this workdir's latest, if any.
   workdir.mkdir(parents=True, exist_ok=True)

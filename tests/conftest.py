@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo on sys.path, local corpora, and a tiny config."""
+"""Shared fixtures: the repo on sys.path, local corpora, a tiny config, a one-line-error check."""
 
 import os
 import sys
@@ -15,6 +15,15 @@ if "MINIGPT_DATA_DIR" not in os.environ and _SHARED.is_dir():
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def assert_one_line_error(result, *needles):
+  """A launcher's user error: exit status 2 and one `error: ...` line holding every needle."""
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
 
 
 def tiny(config):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error
 from minigpt_jax import benchmark
 from minigpt_jax.model import ModelConfig
 
@@ -102,9 +103,8 @@ def test_compare_takes_ratios_within_each_pair_then_medians():
 ])
 def test_bad_flags_give_one_error_line(args, expected):
   result = _cli(*args)
-  assert result.returncode == 2 and result.stdout == ""
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+  assert_one_line_error(result, expected)
+  assert result.stdout == ""
 
 
 def test_compare_torch_adds_torch_figures_and_median_ratios():

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from configs import bigram as bigram_config, frost_cpu
 from minigpt_jax import checkpoint, torch_import
 from minigpt_jax.data import CharTokenizer
@@ -248,14 +249,6 @@ def test_only_the_mask_buffers_are_ignored():
     torch_import.convert({"weight": np.zeros(3)}, _model_cfg("lecture"))
 
 
-def _one_line_error(result, *needles):
-  assert result.returncode == 2, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
-
-
 def test_import_cli_errors_are_one_line(tmp_path):
   _, model = _torch_model("lecture")
   pt, text, vocab = _files(tmp_path, model)
@@ -272,8 +265,8 @@ def test_import_cli_errors_are_one_line(tmp_path):
       ([f"--state_dict={text}", f"--text={text}"], ["cannot read", "state_dict()"]),
   ]
   for extra, needles in cases:
-    _one_line_error(_cli("import_torch.py", *args, *extra, check=False), *needles)
+    assert_one_line_error(_cli("import_torch.py", *args, *extra, check=False), *needles)
   assert not (tmp_path / "w").exists()  # no error leaves a half-made workdir
   _cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}")
-  _one_line_error(_cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}",
+  assert_one_line_error(_cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}",
                        check=False), "already holds checkpoints")

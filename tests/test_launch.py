@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from minigpt_jax import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,22 +125,14 @@ def test_sample_cli_prints_only_text_and_is_reproducible(trained):
   assert greedy[0] == greedy[1].rstrip("\n")  # top_k=1 is greedy: both rows agree
 
 
-def _one_line_error(result, *needles):
-  assert result.returncode == 2, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
-
-
 def test_sample_cli_errors(trained, tmp_path):
   workdir, _ = trained
-  _one_line_error(_cli("sample.py", f"--workdir={workdir}", "--prompt=Zé€ab", check=False),
+  assert_one_line_error(_cli("sample.py", f"--workdir={workdir}", "--prompt=Zé€ab", check=False),
                   "outside", "é€")
-  _one_line_error(_cli("sample.py", f"--workdir={tmp_path}", check=False), "train first")
-  _one_line_error(_cli("sample.py", f"--workdir={workdir}", "--step=7", check=False),
+  assert_one_line_error(_cli("sample.py", f"--workdir={tmp_path}", check=False), "train first")
+  assert_one_line_error(_cli("sample.py", f"--workdir={workdir}", "--step=7", check=False),
                   "available steps")
-  _one_line_error(_cli("sample.py", f"--workdir={workdir}", "--temperature=0", check=False),
+  assert_one_line_error(_cli("sample.py", f"--workdir={workdir}", "--temperature=0", check=False),
                   "--temperature")
 
 
@@ -162,11 +155,11 @@ def test_train_cli_errors_are_one_line(tmp_path):
   for extra, needles in cases:
     result = _cli("train.py", "--config=configs/frost_cpu.py", f"--workdir={tmp_path / 'w'}",
                   *extra, check=False)
-    _one_line_error(result, *needles)
-  _one_line_error(_cli("train.py", "--config=configs/nope.py", f"--workdir={tmp_path}",
+    assert_one_line_error(result, *needles)
+  assert_one_line_error(_cli("train.py", "--config=configs/nope.py", f"--workdir={tmp_path}",
                        check=False), "configs/nope.py")
   # An override makes ml_collections read the file while flags are parsed.
-  _one_line_error(_cli("train.py", "--config=configs/nope.py", "--config.train.steps=3",
+  assert_one_line_error(_cli("train.py", "--config=configs/nope.py", "--config.train.steps=3",
                        f"--workdir={tmp_path}", check=False), "configs/nope.py does not exist")
 
 
@@ -174,7 +167,7 @@ def test_resuming_with_a_config_that_does_not_fit_names_the_field(trained):
   workdir, _ = trained
   result = _cli("train.py", *_train_args(workdir, 300, 20), "--config.model.n_layer=3",
                 check=False)
-  _one_line_error(result, "config.model.n_layer=2")
+  assert_one_line_error(result, "config.model.n_layer=2")
 
 
 def test_an_empty_prompt_starts_from_a_newline(trained):
@@ -188,7 +181,7 @@ def test_data_dir_env_is_respected(tmp_path):
   (tmp_path / "frost.txt").write_text("not the poems")
   result = _cli("train.py", "--config=configs/frost_cpu.py", f"--workdir={tmp_path / 'w'}",
                 check=False, env=env)
-  _one_line_error(result, "sha256", "frost.txt")
+  assert_one_line_error(result, "sha256", "frost.txt")
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "benchmark.py", "plot.py",

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from minigpt_jax import config as config_lib, parallel
 from minigpt_jax.errors import UserError
 
@@ -81,9 +82,7 @@ def test_the_batch_must_divide_by_the_data_shards():
 
 def test_an_uneven_batch_fails_in_one_line_before_compiling(tmp_path):
   result = _train(tmp_path, 10, 4, "--config.train.batch_size=6", check=False)
-  assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: config.train.batch_size (6)"), lines
+  assert_one_line_error(result, "error: config.train.batch_size (6)")
   assert not (tmp_path / "checkpoints").exists()
 
 

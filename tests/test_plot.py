@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+from conftest import assert_one_line_error
 from minigpt_jax import plotting
 from minigpt_jax.errors import UserError
 
@@ -109,7 +110,5 @@ def _empty_metrics(workdir):
 def test_plot_cli_errors_are_one_line(tmp_path, make, expected):
   workdir = make(tmp_path)
   result = _plot_cli(f"--workdir={workdir}", f"--out={tmp_path / 'c.png'}")
-  assert result.returncode == 2
-  assert result.stderr.startswith("error: ") and expected in result.stderr
-  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert_one_line_error(result, expected)
   assert not (tmp_path / "c.png").exists()
