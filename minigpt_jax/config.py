@@ -10,6 +10,7 @@ from minigpt_jax import data
 from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
+DTYPES = ("float32", "bfloat16")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.n_heads = 4
   config.model.n_layer = 4
   config.model.dropout = 0.0  # on attention weights, projections, MLP out
+  # Compute dtype of activations and matmuls. Params, optimizer state, softmax
+  # and the loss stay float32; "bfloat16" is for GPUs/TPUs (slower on CPU).
+  config.model.dtype = "float32"
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16
@@ -82,6 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.n_embed % m.n_heads == 0, "model.n_embed",
            f"({m.n_embed}) is not divisible by config.model.n_heads ({m.n_heads})",
            "choose n_embed as a multiple of n_heads")
+  _require(m.dtype in DTYPES, "model.dtype", f"is {m.dtype!r}",
+           f"use one of {', '.join(DTYPES)}")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout!r}",
            "use a rate in [0, 1)")
   _require(t.learning_rate > 0, "train.learning_rate",

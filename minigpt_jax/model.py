@@ -71,8 +71,30 @@ def _dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
                   bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 
+def cudnn_causal_attention(q_BTHD, k_BTHD, v_BTHD):
+  """cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, or None.
+
+  None off NVIDIA GPUs, in float32 (cuDNN's kernel is bf16/fp16 only), or
+  where cuDNN turns the shapes down at trace time. On CPU, XLA's own
+  dot_product_attention ran frost_cpu 10% slower than the explicit softmax,
+  so it is not used there.
+  """
+  if jax.default_backend() != "gpu" or q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
+    return None
+  try:
+    return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True,
+                                        implementation="cudnn")
+  except Exception:  # no cuDNN, an old one, or shapes it does not take
+    return None
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with one fused q/k/v projection."""
+  """Multi-head causal self-attention with one fused q/k/v projection.
+
+  On NVIDIA GPUs in bfloat16, attention without dropout (evaluation, or
+  dropout=0) is cuDNN's fused kernel (`cudnn_causal_attention`); otherwise
+  the explicit masked softmax, whose weights dropout needs.
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -84,12 +106,17 @@ class CausalSelfAttention(nn.Module):
     qkv_BT3C = _dense(3 * C, "qkv", cfg.dtype, use_bias=False)(x_BTC)
     q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D)
                               for a in jnp.split(qkv_BT3C, 3, axis=-1))
-    scores_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD) * D ** -0.5
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    scores_BHTT = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
-    weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
-    weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic=deterministic)
-    y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD)
+    # cuDNN has no dropout on the attention weights: training with dropout
+    # takes the explicit softmax.
+    attention_dropout = not deterministic and cfg.dropout > 0.0
+    y_BTHD = None if attention_dropout else cudnn_causal_attention(q_BTHD, k_BTHD, v_BTHD)
+    if y_BTHD is None:
+      scores_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD) * D ** -0.5
+      causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+      scores_BHTT = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
+      weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
+      weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic=deterministic)
+      y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD)
     y_BTC = _dense(C, "proj", cfg.dtype)(y_BTHD.reshape(B, T, C))
     return Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
 
@@ -182,14 +209,21 @@ class _DecodeDense(nn.Module):
     return y
 
 
-def slice_kernels(params, pieces: int = 16):
+def slice_kernels(params, pieces: int | None = None):
   """GPT params with each block's kernels cut into `pieces` column slices, for GPTDecoder.
 
   Slicing copies the weights once; do it outside the decode loop. On a
   2-core CPU, 16 pieces made frost_t4's batch-1 decode 10-20% faster (a bare
   chain of its products 1.5x); 4 or 8 did not help, as XLA hands work to
-  another thread only when many operations are ready at once.
+  another thread only when many operations are ready at once. On a GPU each
+  slice is one more kernel launch per token, so the default (None) cuts into
+  16 on CPU and leaves the kernels whole elsewhere.
   """
+  if pieces is None:
+    pieces = 16 if jax.default_backend() == "cpu" else 1
+  if pieces == 1:
+    return params
+
   def cut(path, x):
     if path[0].key.startswith("block_") and path[-1].key == "kernel":
       return tuple(jnp.array_split(x, pieces, axis=1))

@@ -105,6 +105,7 @@ def _invalid(**changes):
     ({"model__n_heads": 0}, ["model.n_heads"]),
     ({"data__corpus": "nope"}, ["data.corpus", "'nope'", "frost"]),
     ({"model__name": "lstm"}, ["model.name", "'lstm'", "bigram", "gpt"]),
+    ({"model__dtype": "float16"}, ["model.dtype", "'float16'", "bfloat16"]),
     ({"model__dropout": 1.0}, ["model.dropout"]),
     ({"model__dropout": -0.1}, ["model.dropout"]),
     ({"train__learning_rate": 0.0}, ["train.learning_rate"]),

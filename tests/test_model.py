@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from minigpt_jax.model import (Dropout, GPTDecoder, ModelConfig, build_model, count_params,
-                               cross_entropy, init_cache, init_params, slice_kernels)
+                               cross_entropy, cudnn_causal_attention, init_cache,
+                               init_params, slice_kernels)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -191,6 +192,16 @@ def test_bfloat16_compute(name):
   for g in jax.tree_util.tree_leaves(grads):
     assert g.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_gpu_only_paths_are_off_on_cpu():
+  """On CPU the decoder's kernels are cut in 16 (whole on a GPU, where each slice is a
+  kernel launch) and attention is the explicit softmax (cuDNN's only on a GPU)."""
+  _, params = _setup(_tiny("gpt"))
+  assert len(slice_kernels(params)["block_0"]["mlp"]["fc"]["kernel"]) == 16
+  assert slice_kernels(params, pieces=1) is params
+  q_BTHD = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+  assert cudnn_causal_attention(q_BTHD, q_BTHD, q_BTHD) is None
 
 
 def _decode_logits(cfg, params, idx_BT, prefill: int, cache=None):
