@@ -30,7 +30,9 @@ def tiny(config):
   """Shrinks a real config to something that compiles and runs in seconds."""
   config.model.update(block_size=16, n_embed=32, n_heads=2, n_layer=2)
   config.train.update(batch_size=8, steps=40, eval_interval=20, eval_iters=4,
-                      log_every=10, sample_tokens=0)
+                      log_every=10, sample_tokens=0,
+                      # frost_cpu's several steps per call still run, within a log interval
+                      steps_per_dispatch=min(config.train.steps_per_dispatch, 10))
   config.checkpoint.keep = 2
   return config
 
