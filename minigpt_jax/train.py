@@ -7,8 +7,9 @@ bit for bit, on any number of devices.
 
 Devices: batches are drawn inside the compiled step from the corpus, which
 every device holds, and constrained to be sharded over the mesh's `data`
-axis, so each device (and each process) computes only its rows of the global
-batch; params and optimizer state are replicated. See `parallel.py`.
+axis; each device (and each process) computes the loss and gradients of only
+its rows of the global batch (a shard_map), and the averaged gradients update
+params and optimizer state, which are replicated. See `parallel.py`.
 """
 
 import functools
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 import tqdm
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from minigpt_jax import checkpoint, config as config_lib, data, parallel, plotting, sampling
 from minigpt_jax.metrics import MetricsWriter
@@ -48,10 +49,10 @@ class TrainState(flax.struct.PyTreeNode):
   model_cfg: ModelConfig = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
-  def apply(self, params, idx_BT, deterministic=True, dropout_key=None):
+  def apply(self, params, idx_BT, deterministic=True, dropout_key=None, first_row=0):
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return build_model(self.model_cfg).apply(
-        {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs)
+        {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs, first_row=first_row)
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -98,16 +99,35 @@ def _shard_batch(batch, mesh: Mesh | None):
   return lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
-def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-  """One AdamW update on batch (x_BT, y_BT); dropout keyed by the step."""
+def train_step(state: TrainState, batch, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
+  """One AdamW update on batch (x_BT, y_BT); dropout keyed by the step.
+
+  With a mesh of several devices, each device computes the loss and
+  gradients of its rows of the batch (shard_map), and one
+  `parallel.mean_over_devices` averages them. Dropout masks depend on the
+  key and each row's index in the whole batch, so any number of devices
+  draws the same masks.
+  """
   x_BT, y_BT = batch
   dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
+  data_parallel = mesh is not None and mesh.devices.size > 1
 
-  def loss_fn(params):
-    logits_BTV = state.apply(params, x_BT, deterministic=False, dropout_key=dropout_key)
-    return cross_entropy(logits_BTV, y_BT)
+  def loss_and_grads(params, x_bT, y_bT):
+    first_row = lax.axis_index(parallel.DATA_AXIS) * x_bT.shape[0] if data_parallel else 0
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    def loss_fn(params):
+      logits_bTV = state.apply(params, x_bT, deterministic=False, dropout_key=dropout_key,
+                               first_row=first_row)
+      return cross_entropy(logits_bTV, y_bT)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return parallel.mean_over_devices((loss, grads)) if data_parallel else (loss, grads)
+
+  if data_parallel:
+    loss_and_grads = jax.shard_map(
+        loss_and_grads, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
+        out_specs=P(), check_vma=False)  # mean_over_devices leaves them equal on every device
+  loss, grads = loss_and_grads(state.params, x_BT, y_BT)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss}
@@ -123,7 +143,8 @@ def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block
   """
 
   def one_step(state, _):
-    state, metrics = train_step(state, draw_batch(state, train_N, batch_size, block_size, mesh))
+    batch = draw_batch(state, train_N, batch_size, block_size, mesh)
+    state, metrics = train_step(state, batch, mesh)
     return state, metrics["loss"]
 
   state, losses_K = lax.scan(one_step, state, length=num_steps)

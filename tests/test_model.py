@@ -134,15 +134,46 @@ def test_dropout_uses_key_only_in_training():
 @pytest.mark.parametrize("rate", [0.2, 0.5])
 def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
   """16-bit masks: the dropped fraction is the rate; kept values are scaled up."""
-  x_NM = jnp.ones((512, 333))  # odd width: the last 16-bit half of a word is unused
+  x_NM = jnp.ones((512, 333))  # not a multiple of 4: the last hash's spare masks go unused
   y_NM = Dropout(rate).apply({}, x_NM, deterministic=False,
                              rngs={"dropout": jax.random.key(0)})
   dropped = float((y_NM == 0).mean())
   assert abs(dropped - rate) < 0.005
   assert abs(float(y_NM.mean()) - 1.0) < 0.01
   np.testing.assert_allclose(np.unique(np.asarray(y_NM)), [0.0, 1 / (1 - rate)], rtol=1e-4)
-  # Columns come from different bits: no two columns share a mask.
+  # Columns and rows come from different bits: no two share a mask.
   assert not np.array_equal(np.asarray(y_NM[:, 0]), np.asarray(y_NM[:, 1]))
+  assert not np.array_equal(np.asarray(y_NM[:, 0]), np.asarray(y_NM[:, 84]))  # same hash
+  assert not np.array_equal(np.asarray(y_NM[0]), np.asarray(y_NM[1]))
+
+
+def test_dropout_mask_of_a_row_does_not_depend_on_the_rows_beside_it():
+  """Rows 4..7 of a batch, given alone with first_row=4, get the batch's masks.
+
+  This is what lets each device of a data-parallel step draw its own rows'
+  masks and still match one device bit for bit.
+  """
+  x_BTC = jax.random.normal(jax.random.key(1), (8, 5, 6))
+  drop = lambda x, first_row: Dropout(0.3).apply(
+      {}, x, deterministic=False, first_row=first_row, rngs={"dropout": jax.random.key(2)})
+  whole_BTC = drop(x_BTC, 0)
+  np.testing.assert_array_equal(drop(x_BTC[4:], 4), whole_BTC[4:])
+  assert not np.array_equal(drop(x_BTC[4:], 0), whole_BTC[4:])
+
+
+def test_dense_matches_flax_dense_and_its_gradients():
+  """Our Dense (kernel gradient formed as (dy^T x)^T) is nn.Dense, outputs and gradients."""
+  import flax.linen as nn
+  from minigpt_jax.model import Dense
+  x_BTC = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  ours, theirs = Dense(6, jnp.float32), nn.Dense(6, bias_init=nn.initializers.normal(1.0))
+  params = theirs.init(jax.random.key(1), x_BTC)
+  assert jax.tree.structure(params) == jax.tree.structure(ours.init(jax.random.key(1), x_BTC))
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x_BTC), theirs.apply(params, x_BTC), rtol=1e-6)
+  grads = [jax.grad(loss(m), argnums=(0, 1))(params, x_BTC) for m in (ours, theirs)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_init_matches_lecture():
