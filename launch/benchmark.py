@@ -11,7 +11,8 @@ GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
 (from a 1-token prompt, compile excluded), peak_memory_bytes and
 peak_memory_source ("device" or "host_rss"), and extras (devices, vocab_size,
 dtype, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
-repeats, jax_version).
+repeats, jax_version, and huge_pages: whether malloc had transparent huge
+pages, see minigpt_jax/hugepages.py).
 
 --compare-torch then runs ../shared/bench/torch_ref.py with the config's preset
 (or --torch_preset) on the same corpus, steps and sample length, and adds to
@@ -28,6 +29,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # first, before JAX loads: the process may restart
+  from minigpt_jax import hugepages
+  hugepages.restart_with_huge_pages()
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

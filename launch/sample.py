@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # first, before JAX loads: the process may restart
+  from minigpt_jax import hugepages
+  hugepages.restart_with_huge_pages()
+
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import data, parallel, sampling, train
+from minigpt_jax import data, hugepages, parallel, sampling, train
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -185,6 +185,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       "peak_memory_bytes": memory,
       "peak_memory_source": memory_source,
       "jax_version": jax.__version__,
+      "huge_pages": hugepages.enabled(),
   }
 
 

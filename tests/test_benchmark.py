@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from minigpt_jax import benchmark
+from minigpt_jax import benchmark, hugepages
 from minigpt_jax.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size",
           "batch_size", "block_size", "steps", "steps_per_dispatch", "sample_tokens",
           "compile_s", "steps_per_s", "tokens_per_s", "flops_per_token", "achieved_flops", "mfu",
           "sample_naive_tok_per_s", "sample_kv_tok_per_s", "sample_kv_batch16_tok_per_s",
-          "peak_memory_bytes", "peak_memory_source", "jax_version", "repeats"}
+          "peak_memory_bytes", "peak_memory_source", "jax_version", "huge_pages", "repeats"}
 RATIOS = ("train_speedup", "sample_kv_speedup_vs_torch_naive",
           "sample_naive_speedup_vs_torch_naive")
 TORCH_FIELDS = {"torch_preset", "torch_impl", "torch_threads", "torch_params",
@@ -55,6 +55,7 @@ def test_cli_prints_one_json_line_with_the_documented_fields():
                                                 rel=1e-3)
   assert out["mfu"] is None  # no known peak on CPU
   assert out["peak_memory_source"] == "host_rss"
+  assert out["huge_pages"] is hugepages.available()  # the launcher restarted itself with them
 
 
 def test_flops_per_token_matches_a_hand_count():
