@@ -36,7 +36,7 @@ def set_cpu_devices(num_devices: int) -> None:
   """Splits the host CPU into `num_devices` JAX devices, to train data-parallel over its cores.
 
   XLA (CPU) spreads a single small program over cores poorly; on a 2-core
-  machine two devices with half the batch each train 1.16-2x as fast as
+  machine two devices with half the batch each train 1.1-1.65x as fast as
   one (README "Speed"). Must run before JAX's first operation.
   """
   if num_devices < 1:
