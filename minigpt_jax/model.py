@@ -100,9 +100,10 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 class Dense(nn.Module):
   """nn.Dense's parameters and math, with the kernel gradient formed as (dy^T x)^T.
 
-  XLA (CPU) runs dy^T x as a plain matmul in its fast library (YNNPACK); for
-  nn.Dense's x^T dy it picked a generic kernel at 3/4 the speed. Training on
-  CPU is 1.1x (frost_t4) to 1.2x (frost_cpu) as fast.
+  For nn.Dense's x^T dy, XLA (CPU) first copies dy into a transposed layout;
+  from (dy^T x)^T it makes one dot that reads x and dy as they are. Training
+  on CPU is 1.1x (frost_t4) to 1.2x (frost_cpu: 248 against 210 steps/s,
+  side by side) as fast.
   """
   features: int
   dtype: Any
