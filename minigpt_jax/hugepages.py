@@ -44,11 +44,15 @@ def available() -> bool:
   return _glibc_has_tunable() and _kernel_allows_huge_pages()
 
 
+def _settings(tunables: str) -> dict:
+  """GLIBC_TUNABLES ("name=value:name=value") as a dict."""
+  return dict(item.partition("=")[::2] for item in tunables.split(":") if item)
+
+
 def enabled() -> bool:
   """Whether this process runs with huge pages on (the tunable set, not to 0)."""
-  settings = dict(item.partition("=")[::2]
-                  for item in os.environ.get("GLIBC_TUNABLES", "").split(":"))
-  return available() and settings.get(TUNABLE, "0") != "0"
+  value = _settings(os.environ.get("GLIBC_TUNABLES", "")).get(TUNABLE, "0")
+  return available() and value != "0"
 
 
 def tunables_with_huge_pages(tunables: str) -> str | None:
@@ -57,7 +61,7 @@ def tunables_with_huge_pages(tunables: str) -> str | None:
   None where the tunable is set already, either way: GLIBC_TUNABLES=
   glibc.malloc.hugetlb=0 opts out.
   """
-  if TUNABLE in tunables:
+  if TUNABLE in _settings(tunables):
     return None
   return ":".join(filter(None, (tunables, f"{TUNABLE}=1")))
 

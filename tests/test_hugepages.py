@@ -32,6 +32,7 @@ def test_enabled_reads_the_tunable_of_this_process(monkeypatch):
 
 def test_restart_is_a_no_op_where_the_tunable_is_set(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+  monkeypatch.setattr(hugepages, "available", lambda: True)  # so only the setting stops it
   monkeypatch.setattr(hugepages.os, "execve", lambda *a: pytest.fail("restarted"))
   hugepages.restart_with_huge_pages()
 

@@ -2,14 +2,15 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax.model import (Dropout, GPTDecoder, ModelConfig, build_model, count_params,
-                               cross_entropy, cudnn_causal_attention, init_cache,
-                               init_params, slice_kernels)
+from minigpt_jax.model import (Dense, Dropout, GPTDecoder, ModelConfig, build_model,
+                               count_params, cross_entropy, cudnn_causal_attention,
+                               init_cache, init_params, slice_kernels)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -163,8 +164,6 @@ def test_dropout_mask_of_a_row_does_not_depend_on_the_rows_beside_it():
 
 def test_dense_matches_flax_dense_and_its_gradients():
   """Our Dense (kernel gradient formed as (dy^T x)^T) is nn.Dense, outputs and gradients."""
-  import flax.linen as nn
-  from minigpt_jax.model import Dense
   x_BTC = jax.random.normal(jax.random.key(0), (3, 5, 8))
   ours, theirs = Dense(6, jnp.float32), nn.Dense(6, bias_init=nn.initializers.normal(1.0))
   params = theirs.init(jax.random.key(1), x_BTC)
