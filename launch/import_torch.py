@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import checkpoint, cli, config as config_lib, data, torch_import, train  # noqa: E402
+from minigpt_jax import (checkpoint, cli, config as config_lib, data, files, torch_import,  # noqa: E402
+                         train, workdir_lock)
 from minigpt_jax.errors import UserError  # noqa: E402
 from minigpt_jax.model import ModelConfig, count_params  # noqa: E402
 
@@ -105,12 +106,13 @@ def main():
   state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params))
   config_dict, vocab = config.to_dict(), tokenizer.to_json()
   workdir.mkdir(parents=True, exist_ok=True)
-  mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
-  checkpoint.save(mngr, state, config_dict, vocab,
-                  {"step": 0, "val_loss": None, "imported_from": str(state_dict_path)})
-  mngr.close()
-  checkpoint.write_json(workdir / "config.json", config_dict)
-  checkpoint.write_json(workdir / "vocab.json", vocab)
+  with workdir_lock.WorkdirLock(workdir):  # a training run may not write here meanwhile
+    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
+    checkpoint.save(mngr, state, config_dict, vocab,
+                    {"step": 0, "val_loss": None, "imported_from": str(state_dict_path)})
+    mngr.close()
+    files.write_json(workdir / "config.json", config_dict)
+    files.write_json(workdir / "vocab.json", vocab)
   print(f"imported {state_dict_path} ({torch_import.layout(state_dict)} layout, "
         f"{config.model.name}, {count_params(params):,} params, vocab {tokenizer.vocab_size}) "
         f"into {workdir} at step 0; sample with python launch/sample.py --workdir={workdir}",

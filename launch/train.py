@@ -44,10 +44,7 @@ def main():
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if not parallel.is_main_process():
     return
-  print(f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}, "
-        f"val loss {summary['val_loss']:.4f} (best {summary['best_val_loss']:.4f} at step "
-        f"{summary['best_step']}), {summary['steps_per_s']} steps/s, "
-        f"{summary['wall_s']} s; summary in {_WORKDIR.value}/summary.json", file=sys.stderr)
+  print(train.done_line(summary, _WORKDIR.value), file=sys.stderr)
   if "sample" in summary:
     print(summary["sample"])
 

@@ -19,7 +19,11 @@ USER_ERROR_STATUS = 2
 
 def _quiet_libraries() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs through absl
+  # orbax logs through absl; a failed write (a full disk) also ends as unretrieved
+  # asyncio task errors, logged by its threads after checkpoint.save has raised
+  # the one error line for it.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   logging.getLogger("jax").setLevel(logging.WARNING)
 
 

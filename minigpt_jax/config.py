@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizer steps per compiled call (a lax.scan); same results, less dispatch
   # overhead for small models. Logging and evaluation happen between calls.
   config.train.steps_per_dispatch = 1
+  # A non-finite loss or gradient stops the run, naming the last good checkpoint.
+  # N > 0 instead skips such updates (optax.apply_if_finite), stopping after N in
+  # a row; the metrics count them. On or off fixes the optimizer state's layout.
+  config.train.skip_nonfinite_updates = 0
 
   # Devices: a 1-D mesh whose `data` axis shards the batch; params are replicated.
   config.mesh = ml_collections.ConfigDict()
@@ -97,6 +101,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2",
            f"are {t.beta1!r}/{t.beta2!r}", "use values in [0, 1)")
   _require(t.eps > 0, "train.eps", f"is {t.eps!r}", "use a small positive eps")
+  _require(isinstance(t.skip_nonfinite_updates, int) and t.skip_nonfinite_updates >= 0,
+           "train.skip_nonfinite_updates", f"is {t.skip_nonfinite_updates!r}",
+           "use 0 (stop at the first non-finite update) or a positive limit")
   _require(t.sample_tokens >= 0, "train.sample_tokens",
            f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
   _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",

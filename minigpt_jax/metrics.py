@@ -6,6 +6,10 @@ never loses one; its TensorBoard events file starts with a purge marker at the
 step after the checkpoint, so TensorBoard hides the points the killed run wrote
 past it. A fresh run starts both afresh. TensorBoard events are written by
 tensorboardX, which needs no TensorFlow.
+
+The JSON is strict: a non-finite value is written as `null` (TensorBoard still
+gets the NaN, so a diverging run shows). The resume rewrite is atomic, and a
+failed write (a full disk) is a UserError naming the file.
 """
 
 import itertools
@@ -13,6 +17,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from minigpt_jax.files import finite_or_none, write_error
 
 EVENTS_GLOB = "events.out.tfevents.*"
 _writers_made = itertools.count()  # orders the events files of one process and second
@@ -59,7 +65,13 @@ class MetricsWriter:
     elif resume_step == 0:
       for old in Path(workdir).glob(EVENTS_GLOB):
         old.unlink()
-    self.path.write_text("".join(line + "\n" for line in kept))
+    tmp = self.path.with_name(f".{self.path.name}.tmp")
+    try:  # atomic: a kill mid-rewrite leaves the old file
+      tmp.write_text("".join(line + "\n" for line in kept))
+      os.replace(tmp, self.path)
+    except OSError as e:
+      tmp.unlink(missing_ok=True)
+      raise write_error(self.path, e) from None
 
     from tensorboardX import SummaryWriter  # imported here: it is slow to import
 
@@ -73,9 +85,12 @@ class MetricsWriter:
     """`kind` is "eval" (printed, flushed at once) or "train" (file only)."""
     if not self.enabled:
       return
-    record = {"kind": kind, "step": step, **scalars}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    record = finite_or_none({"kind": kind, "step": step, **scalars})
+    try:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+    except OSError as e:
+      raise write_error(self.path, e) from None
     for name, value in scalars.items():
       if _is_scalar(value):  # NaN included: a diverging run should show
         self._tb.add_scalar(f"{kind}/{name}", value, step)

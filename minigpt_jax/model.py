@@ -209,6 +209,9 @@ class GPT(nn.Module):
   def __call__(self, idx_BT, deterministic: bool = True, first_row=0):
     cfg = self.cfg
     T = idx_BT.shape[1]
+    if T > cfg.block_size:  # Embed would fill the missing positions with NaN
+      raise ValueError(f"GPT got a window of {T} tokens but its block_size is "
+                       f"{cfg.block_size}; crop the input to the last {cfg.block_size}")
     tok_BTC = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT,
                        name="tok_embed")(idx_BT)
     pos_TC = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
@@ -358,6 +361,9 @@ class GPTDecoder(nn.Module):
   def __call__(self, idx_BT, pos, cache):
     cfg = self.cfg
     T = idx_BT.shape[1]
+    if T > cfg.block_size:  # Embed would fill the missing positions with NaN
+      raise ValueError(f"GPT got a window of {T} tokens but its block_size is "
+                       f"{cfg.block_size}; crop the input to the last {cfg.block_size}")
     tok_BTC = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT,
                        name="tok_embed")(idx_BT)
     pos_embed = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT, name="pos_embed")

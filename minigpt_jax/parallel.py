@@ -99,3 +99,22 @@ def put_replicated(array_N: np.ndarray, mesh: Mesh) -> jax.Array:
 def is_main_process() -> bool:
   """Only process 0 writes logs, metrics, progress and samples."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process; every process gets the same answer.
+
+  A collective: every process must call it at the same point of the program.
+  With one process it is `flag` itself, at no cost.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

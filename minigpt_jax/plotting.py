@@ -56,14 +56,15 @@ def load_run(workdir: str | Path) -> Run:
   except (OSError, json.JSONDecodeError):
     config = {}  # still plottable, labelled by folder name only
   run = Run(workdir, config)
+  value = lambda x: float("nan") if x is None else x  # metrics.jsonl writes NaN as null
   for (kind, step), record in sorted(_read_records(metrics).items(), key=lambda kv: kv[0][1]):
     if kind == "eval" and "val_loss" in record:
       run.eval_steps.append(step)
-      run.train_loss.append(record.get("train_loss", float("nan")))
-      run.val_loss.append(record["val_loss"])
+      run.train_loss.append(value(record.get("train_loss")))
+      run.val_loss.append(value(record["val_loss"]))
     elif kind == "train" and "loss" in record:
       run.batch_steps.append(step)
-      run.batch_loss.append(record["loss"])
+      run.batch_loss.append(value(record["loss"]))
   if not run.eval_steps:
     raise UserError(f"{metrics} has no eval records yet; train until the first evaluation: "
                     + _TRAIN_CMD.format(workdir))
