@@ -426,6 +426,17 @@ def test_an_interrupt_between_evaluations_saves_and_a_rerun_at_that_step_finishe
   assert line.startswith("done: step 30, train loss n/a, val loss n/a (best ")
 
 
+def test_the_first_signal_sets_the_flag_and_a_second_would_end_the_process():
+  """A second Ctrl-C must not wait for a hung save: the first restores the default action."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  with train._Interrupt() as interrupt:
+    assert not interrupt.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert interrupt.requested
+    assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
 @pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
   """Both save the same step and exit 130; the rerun equals an unbroken run bit for bit."""
