@@ -26,6 +26,27 @@ def assert_one_line_error(result, *needles):
     assert needle in lines[0], lines[0]
 
 
+# A tiny frost_cpu run as launcher flags, for tests that start launch/train.py.
+TINY_FLAGS = ["--config=configs/frost_cpu.py", "--config.model.block_size=16",
+              "--config.model.n_embed=32", "--config.model.n_heads=2",
+              "--config.model.n_layer=2", "--config.model.dropout=0.1",
+              "--config.train.batch_size=8", "--config.train.eval_iters=4",
+              "--config.train.eval_interval=10", "--config.train.log_every=5",
+              "--config.train.sample_tokens=0"]
+
+
+def config_from_flags(flags):
+  """The config that `--config=configs/NAME.py --config.a.b=v ...` builds, in-process."""
+  import importlib
+  name = Path(flags[0].split("=", 1)[1]).stem
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for flag in flags[1:]:
+    field, value = flag[len("--config."):].split("=", 1)
+    section, key = field.split(".")
+    config[section][key] = type(config[section][key])(value)
+  return config
+
+
 def tiny(config):
   """Shrinks a real config to something that compiles and runs in seconds."""
   config.model.update(block_size=16, n_embed=32, n_heads=2, n_layer=2)

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--config=configs/frost_cpu.py", "--config.model.block_size=16",
-         "--config.model.n_embed=32", "--config.model.n_heads=2", "--config.model.n_layer=2",
-         "--config.model.dropout=0.1", "--config.train.batch_size=8",
-         "--config.train.eval_iters=4", "--config.train.log_every=5",
-         "--config.train.sample_tokens=0", "--config.checkpoint.keep=2"]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from conftest import TINY_FLAGS, config_from_flags  # noqa: E402
+FLAGS = TINY_FLAGS + ["--config.checkpoint.keep=2"]  # eval_interval: set per soak
 KINDS = ("launch", "training", "save")
 _START_LINE = ("training from scratch", "resuming from step")
 
@@ -115,17 +115,11 @@ def _run_once(cmd, log: Path, kind: str | None, rng: random.Random, workdir: Pat
 
 def _final_state(workdir: Path, steps: int, eval_interval: int):
   """(params and optimizer state leaves, eval records) of a finished workdir."""
-  sys.path.insert(0, str(ROOT))
   import jax
 
-  from configs import frost_cpu
   from minigpt_jax import checkpoint, train
 
-  config = frost_cpu.get_config()
-  for flag in FLAGS[1:]:
-    name, value = flag[len("--config."):].split("=")
-    section, field = name.split(".")
-    config[section][field] = type(config[section][field])(value)
+  config = config_from_flags(FLAGS)
   config.train.update(steps=steps, eval_interval=eval_interval)
   vocab_size = len(json.loads((workdir / "vocab.json").read_text())["chars"])
   template = train.create_train_state(config, vocab_size)

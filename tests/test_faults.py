@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import soak
-from conftest import tiny
+from conftest import config_from_flags, tiny
 from configs import frost_cpu
 from minigpt_jax import checkpoint, train, workdir_lock
 from minigpt_jax.errors import UserError
@@ -471,10 +471,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:]
     assert (f"resuming from step {step}" in errs[0]) == (workdir == stopped)
-  config = frost_cpu.get_config()
-  for flag in TINY[1:]:
-    section, field = flag[len("--config."):].split("=")[0].split(".")
-    config[section][field] = type(config[section][field])(flag.split("=")[1])
+  config = config_from_flags(TINY)
   assert _bit_identical(_leaves(stopped, final, config), _leaves(tmp_path / "unbroken", final,
                                                                  config))
 

@@ -17,16 +17,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import TINY_FLAGS, assert_one_line_error
 from minigpt_jax import config as config_lib, parallel
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config=configs/frost_cpu.py", "--config.model.block_size=16",
-        "--config.model.n_embed=32", "--config.model.n_heads=2", "--config.model.n_layer=2",
-        "--config.model.dropout=0.1", "--config.train.batch_size=8",
-        "--config.train.eval_iters=4", "--config.train.eval_interval=10",
-        "--config.train.log_every=5", "--config.train.sample_tokens=0"]
+TINY = TINY_FLAGS
 
 
 def _env(devices: int) -> dict:
