@@ -79,8 +79,8 @@ def _run_once(cmd, log: Path, kind: str | None, rng: random.Random, workdir: Pat
   """Runs `cmd` until it ends or a kill of `kind` (None: no kill) fires.
 
   `times` is (seconds to the start line, seconds after it) of an unbroken run;
-  a training kill lands within 2/`kills` of the training time, so that all the
-  kills land before the run would end. Returns (killed, mid_save, exit status,
+  a training kill lands within 1/`kills` of the training time, so that all the
+  kills land before the run's last save. Returns (killed, mid_save, exit status,
   (seconds to the start line, seconds after it)).
   """
   with log.open("w") as err:
@@ -97,7 +97,7 @@ def _run_once(cmd, log: Path, kind: str | None, rng: random.Random, workdir: Pat
     if started_at is None and _started(log):
       started_at = now
       if kind == "training":
-        deadline = now + rng.uniform(0.0, 2 * times[1] / max(kills, 1))
+        deadline = now + rng.uniform(0.0, times[1] / max(kills, 1))
     if kind == "save":
       fire = started_at is not None and _saving(workdir)
     else:
