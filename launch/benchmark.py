@@ -28,11 +28,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _preamble  # first: the repo on sys.path
 
-if __name__ == "__main__":  # first, before JAX loads: the process may restart
-  from minigpt_jax import hugepages
-  hugepages.restart_with_huge_pages()
+_preamble.start(__name__)  # before JAX loads: the process may restart
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _preamble  # noqa: F401  first: the repo on sys.path
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

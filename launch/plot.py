@@ -8,9 +8,8 @@ format (.png, .pdf, .svg).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _preamble  # noqa: F401  first: the repo on sys.path
 
 from absl import flags  # noqa: E402
 

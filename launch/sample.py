@@ -13,18 +13,15 @@ the same text as without it.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _preamble  # first: the repo on sys.path
 
-if __name__ == "__main__":  # first, before JAX loads: the process may restart
-  from minigpt_jax import hugepages
-  hugepages.restart_with_huge_pages()
+_preamble.start(__name__)  # before JAX loads: the process may restart
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from minigpt_jax import checkpoint, cli, sampling  # noqa: E402
+from minigpt_jax import cli, sampling  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
@@ -52,7 +49,7 @@ def main():
     raise UserError("--stream works with the KV decode only; drop --naive or --stream")
   if _STREAM.value and _NUM_SAMPLES.value > 1:
     raise UserError("--stream prints one sample; drop --num_samples or --stream")
-  model_cfg, params, tokenizer, step = checkpoint.load_for_sampling(
+  model_cfg, params, tokenizer, step = sampling.load_for_sampling(
       _WORKDIR.value, step=_STEP.value, best=_BEST.value)
   prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
   print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} characters from step {step} "

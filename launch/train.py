@@ -9,18 +9,15 @@ where JAX finds them itself (Slurm, TPU VMs); see README "More than one device".
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _preamble  # first: the repo on sys.path
 
-if __name__ == "__main__":  # first, before JAX loads: the process may restart
-  from minigpt_jax import hugepages
-  hugepages.restart_with_huge_pages()
+_preamble.start(__name__)  # before JAX loads: the process may restart
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import cli, parallel, train  # noqa: E402
+from minigpt_jax import cli, files, parallel, plotting, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, summary.json.")
@@ -41,12 +38,24 @@ def main():
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config, samples = _CONFIG.value, []
+
+  def end_of_run(end: train.EndOfRun):
+    """The chores after a finished run: the loss plot, and a sample for stdout and TensorBoard."""
+    try:
+      plotting.save_loss_plot(end.workdir)
+    except OSError as e:
+      raise files.write_error(end.workdir / "loss.png", e) from None
+    if config.train.sample_tokens:
+      samples.append(train.sample_text(end.state, end.tokenizer, config.train.sample_tokens))
+      end.writer.write_text("sample", end.summary["step"], samples[0])
+
+  summary = train.train_and_evaluate(config, _WORKDIR.value, on_end=end_of_run)
   if not parallel.is_main_process():
     return
   print(train.done_line(summary, _WORKDIR.value), file=sys.stderr)
-  if "sample" in summary:
-    print(summary["sample"])
+  if samples:
+    print(samples[0])
 
 
 if __name__ == "__main__":

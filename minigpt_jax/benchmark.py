@@ -7,6 +7,9 @@ compilation and a warm-up call come first, and each timed stretch ends with
 
 `run_torch_ref` runs the PyTorch reference (shared/bench/torch_ref.py) in a
 subprocess on the same corpus, so `compare` can put the two side by side.
+
+Owns: timing of training and decoding, FLOP counts, the torch_ref comparison.
+May import: train, sampling, model, parallel, cpu_tricks, data, hugepages.
 """
 
 import importlib.util
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import data, hugepages, parallel, sampling, train
+from minigpt_jax import cpu_tricks, data, hugepages, parallel, sampling, train
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -105,8 +108,8 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
   config.train.steps_per_dispatch steps each. Also returns the trained
   `state` (for sampling) and the vocabulary size.
   """
+  mesh = train.make_mesh(config)
   corpus = train.load_corpus(config)
-  mesh = corpus.mesh
   state = train.create_train_state(config, corpus.tokenizer.vocab_size, mesh)
   train_N = parallel.put_replicated(corpus.train_ids, mesh)
   B, T, K = config.train.batch_size, config.model.block_size, config.train.steps_per_dispatch
@@ -120,7 +123,7 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
 
   calls = math.ceil(steps / K)
   start = time.perf_counter()
-  wait = parallel.wait_each_call(mesh)
+  wait = cpu_tricks.wait_each_call(mesh)
   for _ in range(calls):
     state, metrics = run_steps(state, train_N)
     if wait:

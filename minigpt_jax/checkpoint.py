@@ -1,4 +1,4 @@
-"""Orbax checkpoints in a workdir: save, keep latest N + best, verify, restore, check fit.
+"""Orbax checkpoints in a workdir: save, keep latest N + best, verify, restore.
 
 Each step directory holds the items `params`, `train_state` (optimizer state,
 step, PRNG key), `config`, `vocab` and `meta` (losses). Sampling restores
@@ -13,6 +13,10 @@ itself) raises `Damaged`; `restore_newest` then falls back to the step before.
 A step saved without digests (by an older version, or killed between orbax's
 commit and the digest write) is complete as far as orbax knows, and restores
 unverified.
+
+Owns: checkpoint I/O only (the fit of a checkpoint to a config is
+`config.check_fits`; building a model to sample is `sampling.load_for_sampling`).
+May import: orbax, JAX, parallel, files, errors.
 """
 
 import contextlib
@@ -24,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,13 +35,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from minigpt_jax import parallel
-from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
 from minigpt_jax.files import finite_or_none
-from minigpt_jax.model import ModelConfig, build_model, init_params
-
-# Fields of config.model that fix parameter shapes or the computation.
-_MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer")
 
 
 DIGESTS = "digests.json"
@@ -285,30 +283,6 @@ def restore_json(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict, di
   return items["config"], items["vocab"], items["meta"]
 
 
-def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
-               where: str) -> None:
-  """Raises UserError naming the first model field or vocabulary that differs."""
-  for field in _MODEL_FIELDS:
-    saved, now = saved_config["model"][field], config.model[field]
-    if saved != now:
-      raise UserError(
-          f"checkpoint in {where} has config.model.{field}={saved!r} but this "
-          f"config has {now!r}; pass --config.model.{field}={saved!r} or use a new --workdir")
-  saved_skip = saved_config["train"].get("skip_nonfinite_updates", 0)
-  now_skip = config.train.skip_nonfinite_updates
-  if bool(saved_skip) != bool(now_skip):  # apply_if_finite wraps the optimizer state
-    raise UserError(
-        f"checkpoint in {where} has config.train.skip_nonfinite_updates={saved_skip!r} but "
-        f"this config has {now_skip!r}, and turning skipping on or off changes the "
-        f"optimizer state; pass --config.train.skip_nonfinite_updates={saved_skip} "
-        "or use a new --workdir")
-  if saved_vocab["chars"] != vocab["chars"]:
-    raise UserError(
-        f"checkpoint in {where} was trained on a text with a different vocabulary "
-        f"({len(saved_vocab['chars'])} vs {len(vocab['chars'])} characters); "
-        "train on the same corpus or use a new --workdir")
-
-
 def _abstract(tree):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -347,53 +321,3 @@ def best_step(mngr: ocp.CheckpointManager, warn=None) -> int | None:
   """The kept step with the lowest finite val loss, from each step's saved meta."""
   ranked = steps_by_val_loss(mngr, warn)
   return ranked[0] if ranked else None
-
-
-def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False,
-                      warn=None):
-  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone.
-
-  Without `step`, the newest (or with `best`, the best) step that restores:
-  each damaged one is a `warn` line. An explicit damaged `step` is a UserError.
-  """
-  warn = warn or (lambda line: print(line, file=sys.stderr))
-  if not (Path(workdir) / "checkpoints").is_dir():
-    raise UserError(f"no checkpoints in {workdir}; train first with "
-                    f"python launch/train.py --config=CONFIG --workdir={workdir}")
-  mngr = manager(workdir)
-  steps = mngr.all_steps()
-  if not steps:
-    raise UserError(f"no finished checkpoint in {workdir}; train longer (checkpoints "
-                    "are saved at every evaluation)")
-  if best:
-    candidates = steps_by_val_loss(mngr, warn)
-    if not candidates:
-      raise UserError(f"no checkpoint in {workdir} has a val loss; drop --best")
-  elif step is None:
-    candidates = steps
-  elif step not in steps:
-    raise UserError(f"no checkpoint at step {step} in {workdir}; available steps: "
-                    f"{', '.join(map(str, steps))}")
-
-  def load(step):
-    config_dict, vocab, _ = restore_json(mngr, step)
-    model_cfg = ModelConfig.from_config(config_dict["model"], len(vocab["chars"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0))))
-    return model_cfg, restore_params(mngr, step, abstract), vocab
-
-  if step is not None:  # an explicit step: no fallback
-    try:
-      model_cfg, params, vocab = load(step)
-    except Damaged as e:
-      others = [s for s in steps if s != step]
-      raise UserError(f"{e} (in {workdir}); pick another with --step "
-                      f"({', '.join(map(str, others)) or 'none left'}) or drop --step "
-                      "for the newest good one") from None
-  else:  # newest first, or best first: the order of `candidates`
-    step, (model_cfg, params, vocab) = restore_newest(mngr, load, warn, candidates,
-                                                      newest_first=not best)
-  mngr.close()
-  return model_cfg, params, CharTokenizer.from_json(vocab), step

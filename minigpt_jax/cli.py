@@ -3,6 +3,9 @@
 A user mistake (bad flag, bad config, missing file, bad prompt) ends the
 program with exit status 2 and a single `error: ...` line on stderr, never a
 traceback. Ctrl-C ends it with status 130 after the loop has saved its work.
+
+Owns: flag parsing and the error and exit-status policy of the launchers.
+May import: absl, errors; nothing that loads JAX.
 """
 
 import logging

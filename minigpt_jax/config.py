@@ -2,11 +2,15 @@
 
 Config files in `configs/` start from `get_config()` here and change only the
 fields that differ, so every run has every field.
+
+Owns: the defaults, every check of a config (alone, against the data, the
+devices, or a checkpoint's saved config). May import: ml_collections, data,
+cpu_tricks, errors.
 """
 
 import ml_collections
 
-from minigpt_jax import data
+from minigpt_jax import cpu_tricks, data
 from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
@@ -33,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype of activations and matmuls. Params, optimizer state, softmax
   # and the loss stay float32; "bfloat16" is for GPUs/TPUs (slower on CPU).
   config.model.dtype = "float32"
+  # cpu_tricks.py: speed-ups for XLA:CPU; "auto" turns them on for the CPU
+  # backend. "off" keeps the model plain Flax (forward-mode AD works).
+  config.model.cpu_tricks = "auto"
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16
@@ -92,6 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "choose n_embed as a multiple of n_heads")
   _require(m.dtype in DTYPES, "model.dtype", f"is {m.dtype!r}",
            f"use one of {', '.join(DTYPES)}")
+  _require(m.cpu_tricks in cpu_tricks.SETTINGS, "model.cpu_tricks", f"is {m.cpu_tricks!r}",
+           f"use one of {', '.join(cpu_tricks.SETTINGS)}")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout!r}",
            "use a rate in [0, 1)")
   _require(t.learning_rate > 0, "train.learning_rate",
@@ -140,3 +149,31 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
            f"({config.train.batch_size}) does not divide by the {shards} data shards",
            f"use a multiple of {shards} or set config.mesh.data to a divisor of it")
   return shards
+
+
+# Fields of config.model that fix parameter shapes or the computation.
+_MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer")
+
+
+def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
+               where: str) -> None:
+  """Raises UserError naming the first model field or vocabulary that differs."""
+  for field in _MODEL_FIELDS:
+    saved, now = saved_config["model"][field], config.model[field]
+    if saved != now:
+      raise UserError(
+          f"checkpoint in {where} has config.model.{field}={saved!r} but this "
+          f"config has {now!r}; pass --config.model.{field}={saved!r} or use a new --workdir")
+  saved_skip = saved_config["train"].get("skip_nonfinite_updates", 0)
+  now_skip = config.train.skip_nonfinite_updates
+  if bool(saved_skip) != bool(now_skip):  # apply_if_finite wraps the optimizer state
+    raise UserError(
+        f"checkpoint in {where} has config.train.skip_nonfinite_updates={saved_skip!r} but "
+        f"this config has {now_skip!r}, and turning skipping on or off changes the "
+        f"optimizer state; pass --config.train.skip_nonfinite_updates={saved_skip} "
+        "or use a new --workdir")
+  if saved_vocab["chars"] != vocab["chars"]:
+    raise UserError(
+        f"checkpoint in {where} was trained on a text with a different vocabulary "
+        f"({len(saved_vocab['chars'])} vs {len(vocab['chars'])} characters); "
+        "train on the same corpus or use a new --workdir")

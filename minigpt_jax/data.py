@@ -3,6 +3,9 @@
 Batches are drawn on device from an explicit PRNG key, so a step's batch
 depends only on (seed, step): a resumed run sees the batches an unbroken run
 would have seen.
+
+Owns: the corpus registry and downloads, `CharTokenizer`, `split`, `get_batch`.
+May import: JAX, numpy, errors.
 """
 
 import functools

@@ -2,6 +2,8 @@
 
 Launchers turn it into a single `error: ...` line on stderr, so the message
 itself must name the problem and the fix.
+
+Owns: `UserError`. Imports nothing of ours.
 """
 
 

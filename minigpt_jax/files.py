@@ -1,6 +1,8 @@
 """Small, safe file writes for run folders: atomic strict JSON, one-line write errors.
 
 No JAX here, so readers of a workdir (plot.py) stay cheap to import.
+
+Owns: `write_json`, `finite_or_none`, `write_error`. May import: errors.
 """
 
 import json

@@ -1,15 +1,17 @@
 """Transparent huge pages for XLA's CPU buffers: the launchers restart themselves once.
 
-XLA (CPU) allocates a compiled call's buffers on every call, and glibc's
+XLA:CPU allocates a compiled call's buffers on every call, and glibc's
 malloc returns large blocks to the kernel when they are freed, so each call
-faults its memory in again, 4 KiB at a time. At one step per call `frost_t4`
-took 310,000 page faults and half a core of kernel time a step (1.16 steps/s
-on a 2-core EPYC); with glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks
-for transparent huge pages (2 MiB) and it ran at 1.48 steps/s (shakespeare_char
-0.14 to 0.20). glibc reads tunables only when a process starts, hence the
-restart. It does not change any result: only where memory comes from.
+faults its memory in again, 4 KiB at a time. With glibc's
+`glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages
+(2 MiB) instead, and training on CPU is faster (README "Speed"). glibc reads
+tunables only when a process starts, hence the restart. It does not change
+any result: only where memory comes from.
 
 No JAX import here: the launchers call this before importing anything heavy.
+
+Owns: the launchers' restart with glibc's huge-page tunable. Figures: README
+"Speed". May import: the standard library only.
 """
 
 import os

@@ -10,6 +10,8 @@ tensorboardX, which needs no TensorFlow.
 The JSON is strict: a non-finite value is written as `null` (TensorBoard still
 gets the NaN, so a diverging run shows). The resume rewrite is atomic, and a
 failed write (a full disk) is a UserError naming the file.
+
+Owns: `MetricsWriter`. May import: files, tensorboardX; no JAX.
 """
 
 import itertools

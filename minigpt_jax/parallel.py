@@ -2,13 +2,15 @@
 
 One code path serves 1..N devices on 1..P processes: a 1-D mesh with a `data`
 axis; batches are sharded over it, params and optimizer state are replicated,
-and `mean_over_devices` averages the gradients. On one device every sharding
-is trivial and the same programs run.
+and `cpu_tricks.mean_over_devices` averages the gradients. On one device
+every sharding is trivial and the same programs run.
+
+Owns: the mesh, shardings, process start-up and agreement (`any_process`,
+`barrier`). May import: JAX, `errors`.
 """
 
 import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minigpt_jax.errors import UserError
@@ -35,9 +37,9 @@ def initialize_distributed(coordinator_address: str | None = None,
 def set_cpu_devices(num_devices: int) -> None:
   """Splits the host CPU into `num_devices` JAX devices, to train data-parallel over its cores.
 
-  XLA (CPU) spreads a single small program over cores poorly; on a 2-core
-  machine two devices with half the batch each train 1.1-1.65x as fast as
-  one (README "Speed"). Must run before JAX's first operation.
+  XLA:CPU spreads a single small program over cores poorly, so two devices
+  with half the batch each train faster than one on a 2-core machine
+  (README "Speed"). Must run before JAX's first operation.
   """
   if num_devices < 1:
     raise UserError(f"--cpu_devices is {num_devices}; use a positive integer")
@@ -46,35 +48,6 @@ def set_cpu_devices(num_devices: int) -> None:
   except RuntimeError:
     raise UserError("--cpu_devices came after JAX had started; set it before any JAX "
                     "operation (in a notebook, restart the runtime)") from None
-
-
-def wait_each_call(mesh: Mesh | None) -> bool:
-  """Whether a loop should finish each compiled call before queuing the next.
-
-  With several CPU devices in one process, queued calls can deadlock XLA's
-  all-reduce rendezvous (jax 0.10.2 on 2 cores: "Expected 2 threads to join
-  the rendezvous"); waiting costs little as each call is large.
-  """
-  return (mesh is not None and mesh.devices.size > 1
-          and mesh.devices.flat[0].platform == "cpu")
-
-
-def mean_over_devices(tree):
-  """The mean of `tree` over the `data` axis, inside shard_map; bit-identical on every device.
-
-  On CPU, one all-gather of the flattened tree and a sum in device order:
-  XLA:CPU's all-reduce (psum) took 2.5 ms for frost_cpu's 0.8 MB of
-  gradients on 2 devices, half the step, where the all-gather takes 0.15 ms.
-  Elsewhere, lax.pmean.
-  """
-  if jax.default_backend() != "cpu":
-    return jax.lax.pmean(tree, DATA_AXIS)
-  flat, unravel = ravel_pytree(tree)
-  gathered_NP = jax.lax.all_gather(flat, DATA_AXIS)
-  total = gathered_NP[0]
-  for row in gathered_NP[1:]:  # adds, not .sum(0): XLA:CPU reduces slowly over a short axis
-    total = total + row
-  return unravel(total / gathered_NP.shape[0])
 
 
 def make_mesh(num_shards: int) -> Mesh:

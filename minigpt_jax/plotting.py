@@ -4,6 +4,9 @@ Reads only what training leaves in a workdir (`metrics.jsonl`, `config.json`),
 so it needs no JAX and works on runs copied from another machine. Figures are
 drawn on matplotlib's Agg canvas directly: headless, and no pyplot state is
 touched in the caller's process.
+
+Owns: reading runs' metrics and drawing their curves. May import: matplotlib,
+errors; no JAX.
 """
 
 import json

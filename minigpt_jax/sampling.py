@@ -7,7 +7,7 @@ one compilation serves every prompt of a padded length:
   a [B, P + N] token buffer. window="crop" (its default) is the lecture's:
   the last block_size tokens, renumbered every step.
 - "kv" (the default) prefills the window once, then feeds one token per step
-  through `model.GPTDecoder`'s key/value cache.
+  through GPT's key/value cache (`model.GPT` called with `cache` and `pos`).
 
 Windows past block_size. Position embeddings are added at the input, so when
 the lecture's crop slides the window by one, every cached key is stale: the
@@ -21,9 +21,15 @@ window is the whole sequence under every policy.
 Step i draws with fold_in(key, i), so for the same key "kv" gives exactly the
 tokens of "naive" (and of naive "chunked" past block_size), up to float
 rounding in the logits, which the tests show does not change a token.
+
+Owns: `make_generate`, `make_stream`, prompt encoding, `load_for_sampling`
+(a checkpoint to (model config, params, tokenizer)). May import: model,
+checkpoint, cpu_tricks, data, errors.
 """
 
 import functools
+import sys
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -31,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from minigpt_jax import checkpoint, cpu_tricks, data
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import (GPTDecoder, ModelConfig, build_model, init_cache,
-                               slice_kernels)
+from minigpt_jax.model import ModelConfig, build_model, init_cache, init_params
 
 METHODS = ("kv", "naive")
 WINDOWS = ("crop", "chunked")
@@ -116,7 +122,7 @@ def _generate_naive(params, prompt_BP, prompt_len, key, temperature, *, cfg: Mod
 
 class DecodeState(NamedTuple):
   """What one KV decoding step needs; the window holds the cache's tokens."""
-  cache: Any  # GPTDecoder's per-layer (k_NSD, v_NSD) pairs; () for the bigram
+  cache: Any  # GPT's per-layer (k_NSD, v_NSD) pairs; () for the bigram
   window_BW: jax.Array  # int32 [B, block_size]: tokens at cache slots 0..W-1
   length: jax.Array  # int32: slots in use
   next_B: jax.Array  # int32 [B]: the newest token, not fed to the model yet
@@ -129,13 +135,12 @@ def _decoder(cfg: ModelConfig):
   The bigram's logits depend on the last token only, so its cache is empty
   and the window policy cannot change its tokens.
   """
+  model = build_model(cfg)
   if cfg.name == "bigram":
-    model = build_model(cfg)
     return (lambda params, idx_BT, pos, cache: (model.apply({"params": params}, idx_BT), cache),
             lambda B: ())
-  decoder = GPTDecoder(cfg)
-  return (lambda params, idx_BT, pos, cache: decoder.apply({"params": params}, idx_BT, pos,
-                                                           cache),
+  return (lambda params, idx_BT, pos, cache: model.apply({"params": params}, idx_BT,
+                                                         cache=cache, pos=pos),
           lambda B: init_cache(cfg, B))
 
 
@@ -211,7 +216,7 @@ def _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC):
 def _generate_kv(params, prompt_BP, prompt_len, key, temperature, *, cfg: ModelConfig,
                  num_tokens: int, top_k: int):
   """As `_generate_naive(window="chunked")`, with a KV cache: int32 [B, num_tokens]."""
-  params = slice_kernels(params)  # once, before the loop
+  params = cpu_tricks.slice_kernels(params, cfg.cpu_tricks)  # once, before the loop
   state = _kv_prefill(params, prompt_BP, prompt_len, cfg)
   out_BN = jnp.zeros((prompt_BP.shape[0], num_tokens), jnp.int32)
   return _kv_steps(params, state, key, temperature, num_tokens, cfg, top_k, out_BN)[1]
@@ -227,13 +232,13 @@ def _kv_continue(params, state, key, temperature, count, *, cfg: ModelConfig, to
                  chunk: int):
   """`count` <= chunk more tokens: (state, int32 [B, chunk] whose first `count` are real).
 
-  params come through `slice_kernels`, done once per stream rather than per piece.
+  params come through `cpu_tricks.slice_kernels`, done once per stream, not per piece.
   """
   out_BC = jnp.zeros((state.next_B.shape[0], chunk), jnp.int32)
   return _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC)
 
 
-_slice_kernels = jax.jit(slice_kernels)
+_slice_kernels = jax.jit(cpu_tricks.slice_kernels, static_argnames=("tricks", "pieces"))
 
 
 # ------------------------------------------------------------------ interface
@@ -307,7 +312,7 @@ def make_stream(cfg: ModelConfig, chunk: int = 32):
     prompt_BP, prompt_len = _prepare(cfg, prompt_ids, "kv")
     temperature = jnp.float32(temperature)
     top_k = min(int(top_k), cfg.vocab_size)
-    params = _slice_kernels(params)
+    params = _slice_kernels(params, tricks=cfg.cpu_tricks)
     state = _kv_start(params, prompt_BP, prompt_len, cfg=cfg)
     for done in range(0, num_tokens, chunk):
       count = min(chunk, num_tokens - done)
@@ -340,3 +345,53 @@ def encode_prompt(tokenizer, prompt: str, num_samples: int = 1):
                     f"{''.join(missing)!r}; remove or replace them")
   ids_P = tokenizer.encode(prompt)
   return jnp.tile(jnp.asarray(ids_P)[None, :], (num_samples, 1)), prompt
+
+
+def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False,
+                      warn=None):
+  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone.
+
+  Without `step`, the newest (or with `best`, the best) step that restores:
+  each damaged one is a `warn` line. An explicit damaged `step` is a UserError.
+  """
+  warn = warn or (lambda line: print(line, file=sys.stderr))
+  if not (Path(workdir) / "checkpoints").is_dir():
+    raise UserError(f"no checkpoints in {workdir}; train first with "
+                    f"python launch/train.py --config=CONFIG --workdir={workdir}")
+  mngr = checkpoint.manager(workdir)
+  steps = mngr.all_steps()
+  if not steps:
+    raise UserError(f"no finished checkpoint in {workdir}; train longer (checkpoints "
+                    "are saved at every evaluation)")
+  if best:
+    candidates = checkpoint.steps_by_val_loss(mngr, warn)
+    if not candidates:
+      raise UserError(f"no checkpoint in {workdir} has a val loss; drop --best")
+  elif step is None:
+    candidates = steps
+  elif step not in steps:
+    raise UserError(f"no checkpoint at step {step} in {workdir}; available steps: "
+                    f"{', '.join(map(str, steps))}")
+
+  def load(step):
+    config_dict, vocab, _ = checkpoint.restore_json(mngr, step)
+    model_cfg = ModelConfig.from_config(config_dict["model"], len(vocab["chars"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0))))
+    return model_cfg, checkpoint.restore_params(mngr, step, abstract), vocab
+
+  if step is not None:  # an explicit step: no fallback
+    try:
+      model_cfg, params, vocab = load(step)
+    except checkpoint.Damaged as e:
+      others = [s for s in steps if s != step]
+      raise UserError(f"{e} (in {workdir}); pick another with --step "
+                      f"({', '.join(map(str, others)) or 'none left'}) or drop --step "
+                      "for the newest good one") from None
+  else:  # newest first, or best first: the order of `candidates`
+    step, (model_cfg, params, vocab) = checkpoint.restore_newest(mngr, load, warn, candidates,
+                                                                 newest_first=not best)
+  mngr.close()
+  return model_cfg, params, data.CharTokenizer.from_json(vocab), step

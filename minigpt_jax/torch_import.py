@@ -17,6 +17,8 @@ transposed. The lecture's attention scales by 1/sqrt(head_size) as ours does;
 the very first version of its gpt.py scaled by 1/sqrt(n_embed), so weights
 trained with that copy load but give other logits. The fused layout does not
 record n_heads: a wrong --config.model.n_heads cannot be detected there.
+
+Owns: the state_dict -> params mapping. May import: model, errors; no torch.
 """
 
 import re

@@ -10,8 +10,16 @@ every device holds, and constrained to be sharded over the mesh's `data`
 axis; each device (and each process) computes the loss and gradients of only
 its rows of the global batch (a shard_map), and the averaged gradients update
 params and optimizer state, which are replicated. See `parallel.py`.
+
+Layout: the pure math first (`TrainState`, `make_optimizer`, `train_step`,
+`train_steps`, `eval_step`, `estimate_loss`), then the loop's side effects:
+setup (`make_mesh`, `load_corpus`, lock, resume), `_Run`'s periodic actions
+(train call, log, evaluate and save, stop), the summary; `Stopwatch` times it.
+Owns: the optimizer, the train step and the loop. May import: every module
+but the launchers' (benchmark, plotting, cli).
 """
 
+import contextlib
 import functools
 import math
 import signal
@@ -30,7 +38,7 @@ import tqdm
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from minigpt_jax import (checkpoint, config as config_lib, data, files, parallel, plotting,
+from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, parallel,
                          sampling, workdir_lock)
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter
@@ -116,7 +124,7 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None) -> tuple[Trai
 
   With a mesh of several devices, each device computes the loss and
   gradients of its rows of the batch (shard_map), and one
-  `parallel.mean_over_devices` averages them. Dropout masks depend on the
+  `cpu_tricks.mean_over_devices` averages them. Dropout masks depend on the
   key and each row's index in the whole batch, so any number of devices
   draws the same masks.
   """
@@ -133,12 +141,15 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None) -> tuple[Trai
       return cross_entropy(logits_bTV, y_bT)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    return parallel.mean_over_devices((loss, grads)) if data_parallel else (loss, grads)
+    if not data_parallel:
+      return loss, grads
+    return cpu_tricks.mean_over_devices((loss, grads), parallel.DATA_AXIS,
+                                        state.model_cfg.cpu_tricks)
 
   if data_parallel:
     loss_and_grads = jax.shard_map(
         loss_and_grads, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=P(), check_vma=False)  # mean_over_devices leaves them equal on every device
+        out_specs=P(), check_vma=False)  # the mean leaves them equal on every device
   loss, grads = loss_and_grads(state.params, x_BT, y_BT)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -191,10 +202,8 @@ def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: 
 
 
 # Compiled once per shape and config, shared by every run in the process.
-jit_train_step = jax.jit(train_step, donate_argnums=0)
 jit_train_steps = jax.jit(train_steps, donate_argnums=0,
                           static_argnames=("batch_size", "block_size", "num_steps", "mesh"))
-jit_draw_batch = jax.jit(draw_batch, static_argnames=("batch_size", "block_size", "mesh"))
 jit_estimate_loss = jax.jit(estimate_loss,
                             static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))
 
@@ -241,23 +250,27 @@ class Corpus(NamedTuple):
   name: str
   train_ids: np.ndarray
   val_ids: np.ndarray
-  mesh: Mesh  # the data-parallel mesh the config asks for
 
 
 def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
-  """Checks `config` against the devices and the text, then loads and splits the text.
+  """Checks `config` against the text, then loads and splits the text.
 
-  Every user mistake in the config or the data fails here, in one line,
-  before anything compiles.
+  Every user mistake in the config or the data fails here or in `make_mesh`,
+  in one line, before anything compiles.
   """
   config_lib.validate(config)
-  num_shards = config_lib.validate_for_devices(config, jax.device_count(),
-                                               jax.process_count())
   text, name = data.load_text(config)
   tokenizer = data.CharTokenizer.from_text(text)
   train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
   config_lib.validate_for_data(config, len(train_ids), len(val_ids))
-  return Corpus(tokenizer, name, train_ids, val_ids, parallel.make_mesh(num_shards))
+  return Corpus(tokenizer, name, train_ids, val_ids)
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """The data-parallel mesh `config.mesh` asks for, checked against the devices."""
+  config_lib.validate(config)
+  return parallel.make_mesh(config_lib.validate_for_devices(
+      config, jax.device_count(), jax.process_count()))
 
 
 class _DivergenceGuard:
@@ -335,7 +348,7 @@ def _resume(mngr, state: TrainState, config, vocab: dict, workdir: Path, is_main
 
   def load(step):
     saved_config, saved_vocab, meta = checkpoint.restore_json(mngr, step)
-    checkpoint.check_fits(saved_config, saved_vocab, config, vocab, str(workdir))
+    config_lib.check_fits(saved_config, saved_vocab, config, vocab, str(workdir))
     return checkpoint.restore_state(mngr, step, state), meta
 
   step, (state, meta) = checkpoint.restore_newest(mngr, load, warn=log)
@@ -353,195 +366,283 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+class Stopwatch:
+  """Training speed: time from the end of the first call (compilation) on, less pauses.
+
+  Evaluations and saves run inside `paused()`, which first waits for the
+  steps still running, so those count as training time.
+  """
+
+  def __init__(self):
+    self.started = time.perf_counter()
+    self._first = None  # (step, time) at the end of the first call
+    self._paused_s = 0.0
+    self._mark = None  # (step, time, paused seconds) of the last `rate_since_mark`
+
+  def wall_s(self) -> float:
+    return round(time.perf_counter() - self.started, 2)
+
+  def call_done(self, step: int, metrics) -> None:
+    if self._first is None:  # the first call compiled: its end starts the clock
+      jax.block_until_ready(metrics)
+      now = time.perf_counter()
+      self._first, self._mark = (step, now), (step, now, self._paused_s)
+
+  @contextlib.contextmanager
+  def paused(self, state):
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused_s += time.perf_counter() - start
+
+  def rate_since_mark(self, step: int) -> float | None:
+    """Steps per second since the last call (or the first call's end); None with none run."""
+    mark_step, mark_time, mark_paused = self._mark
+    now = time.perf_counter()
+    elapsed = now - mark_time - (self._paused_s - mark_paused)
+    self._mark = (step, now, self._paused_s)
+    return (step - mark_step) / elapsed if step > mark_step and elapsed > 0 else None
+
+  def overall_rate(self, step: int) -> float | None:
+    if self._first is None or step <= self._first[0]:
+      return None
+    return (step - self._first[0]) / (time.perf_counter() - self._first[1] - self._paused_s)
+
+
+class EndOfRun(NamedTuple):
+  """What an `on_end` hook of `train_and_evaluate` gets (process 0 only)."""
+  state: TrainState
+  tokenizer: data.CharTokenizer
+  writer: MetricsWriter
+  workdir: Path
+  summary: dict
+
+
+class _Run:
+  """One training run's side effects: lock, checkpoints, metrics, progress, the stop check.
+
+  `start` sets up (mesh, corpus, lock, state, resume); the loop in
+  `train_and_evaluate` calls `train_call`, `log_train`, `evaluate_and_save`
+  and `save_for_stop`; `summary` finishes.
+  """
+
+  def __init__(self, config, workdir: Path, log, show_progress: bool):
+    self.config, self.workdir = config, workdir
+    self.is_main = parallel.is_main_process()
+    self.say = log if self.is_main else (lambda line: None)  # a log line
+    self.clock = Stopwatch()
+    self.lock = self.mngr = self.writer = self.bar = None
+    self.show_progress = show_progress
+
+  # -- Setup -------------------------------------------------------------------------------
+
+  def start(self) -> "_Run":
+    """Mesh, corpus, lock, state and resume; user mistakes fail before anything compiles."""
+    config, workdir = self.config, self.workdir
+    self.mesh = make_mesh(config)
+    self.corpus = load_corpus(config)
+    self.vocab = self.corpus.tokenizer.to_json()
+    workdir.mkdir(parents=True, exist_ok=True)  # nothing there is touched before the lock
+    self.lock = _lock_workdir(workdir, self.is_main, self.say)
+    if self.is_main:
+      _remove_unfinished_writes(workdir, self.say)
+    parallel.barrier("minigpt_jax.cleaned")
+    self.mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
+    state = create_train_state(config, self.corpus.tokenizer.vocab_size, self.mesh)
+    self.state, self.meta = _resume(self.mngr, state, config, self.vocab, workdir,
+                                    self.is_main, self.say)
+    self.config_dict = config.to_dict()
+    if self.is_main:
+      files.write_json(workdir / "config.json", self.config_dict)
+      files.write_json(workdir / "vocab.json", self.vocab)
+    self.step = int(self.state.step)
+    self.writer = MetricsWriter(workdir, resume_step=self.step, log=self.say,
+                                enabled=self.is_main)
+    best = (self.meta.get("best_val_loss"), self.meta.get("best_step"))
+    self.best = best if _finite(best[0]) else (None, None)  # older versions saved NaN
+    self.guard = _DivergenceGuard(config.train.skip_nonfinite_updates)
+    self._compile_fns()
+    self._log_start()
+    return self
+
+  def _compile_fns(self) -> None:
+    t, mesh = self.config.train, self.mesh
+    B, T = t.batch_size, self.config.model.block_size
+    self.splits = {"train": parallel.put_replicated(self.corpus.train_ids, mesh),
+                   "val": parallel.put_replicated(self.corpus.val_ids, mesh)}
+    self.run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
+    self.evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
+                                      eval_iters=t.eval_iters, mesh=mesh)
+    self.wait_each_call = cpu_tricks.wait_each_call(mesh)
+
+  def _log_start(self) -> None:
+    c, corpus = self.config, self.corpus
+    start = "training from scratch" if not self.meta else f"resuming from step {self.step}"
+    processes = jax.process_count()
+    self.say(f"{start} in {self.workdir}: {c.model.name}, {count_params(self.state.params):,} "
+             f"params, vocab {corpus.tokenizer.vocab_size}, corpus {corpus.name} "
+             f"({len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val chars), "
+             f"{jax.default_backend()} x {self.mesh.devices.size} "
+             f"({processes} process{'es' if processes > 1 else ''})")
+    self.bar = tqdm.tqdm(total=c.train.steps, initial=self.step, file=sys.stderr, unit="step",
+                         disable=not (self.show_progress and self.is_main),
+                         dynamic_ncols=True, mininterval=0.5)
+
+  # -- Periodic actions --------------------------------------------------------------------
+
+  def train_call(self) -> None:
+    """One compiled call of `_steps_in_next_call` steps."""
+    n = _steps_in_next_call(self.step, self.config)
+    self.state, self.metrics = self.run_steps(self.state, self.splits["train"], num_steps=n)
+    self.guard.add(self.step, self.metrics)
+    if self.wait_each_call:
+      jax.block_until_ready(self.metrics)
+    self.step += n
+    self.clock.call_done(self.step, self.metrics)
+    self.bar.update(n)
+
+  def log_train(self) -> None:
+    """A train record of the call's last step, after checking every step since the last."""
+    self._check_finite()
+    last = {k: np.asarray(v)[-1].item() for k, v in self.metrics.items()}  # no compile
+    rate = self.clock.rate_since_mark(self.step)
+    self.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+    skips = {"skipped_updates": last["skipped_updates"]} if "skipped_updates" in last else {}
+    t = self.config.train
+    self.writer.write(
+        "train", self.step, loss=last["loss"], grad_norm=last["grad_norm"], **skips,
+        learning_rate=t.learning_rate,
+        steps_per_s=None if rate is None else round(rate, 3),
+        tokens_per_s=None if rate is None else round(rate * t.batch_size *
+                                                      self.config.model.block_size),
+        wall_s=self.clock.wall_s())
+
+  def evaluate_and_save(self) -> None:
+    """Loss estimates of both splits, an eval record, and (past step 0) a checkpoint."""
+    self._check_finite()
+    with self.clock.paused(self.state):
+      losses = {k: float(v) for k, v in self.evaluate(self.state, self.splits).items()}
+      bad = [f"{k} loss {v}" for k, v in sorted(losses.items()) if not math.isfinite(v)]
+      if bad:
+        raise self._diverged(f"{' and '.join(bad)} at the evaluation of step {self.step}")
+      if self.best[0] is None or losses["val"] < self.best[0]:
+        self.best = (losses["val"], self.step)
+      self.meta = {"step": self.step, "train_loss": losses["train"],
+                   "val_loss": losses["val"], "best_val_loss": self.best[0],
+                   "best_step": self.best[1]}
+      self.writer.write("eval", self.step, train_loss=losses["train"],
+                        val_loss=losses["val"], wall_s=self.clock.wall_s())
+      if self.step > 0:
+        checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)
+
+  def save_for_stop(self) -> None:
+    """The checkpoint of a stop between evaluations: its losses are unmeasured."""
+    self._check_finite()
+    with self.clock.paused(self.state):
+      self.meta = {**self.meta, "step": self.step, "train_loss": None, "val_loss": None}
+      checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)
+
+  def _check_finite(self) -> None:
+    problem = self.guard.check()
+    if problem is not None:
+      raise self._diverged(problem)
+
+  def _diverged(self, problem: str) -> UserError:
+    latest = self.mngr.latest_step()
+    if latest is None:
+      good = "no checkpoint was saved yet"
+    else:
+      good = f"the last good checkpoint is step {latest}"
+      if self.best[1] is not None:
+        good += f" (best: step {self.best[1]}, val loss {self.best[0]:.4f})"
+    return UserError(
+        f"training diverged: {problem}; stopped without saving past it: {good}, in "
+        f"{self.mngr.directory}; rerun to resume from it with a lower "
+        "--config.train.learning_rate, or skip such updates with "
+        "--config.train.skip_nonfinite_updates=N")
+
+  # -- Finish ------------------------------------------------------------------------------
+
+  def summary(self) -> dict:
+    self.bar.close()
+    rate = self.clock.overall_rate(self.step)
+    c, corpus = self.config, self.corpus
+    summary = {
+        "step": self.step,
+        "train_loss": self.meta.get("train_loss"),
+        "val_loss": self.meta.get("val_loss"),
+        "best_val_loss": self.best[0],
+        "best_step": self.best[1],
+        "wall_s": self.clock.wall_s(),
+        "steps_per_s": None if rate is None else round(rate, 2),
+        "tokens_per_s": None if rate is None else round(
+            rate * c.train.batch_size * c.model.block_size),
+        "vocab_size": corpus.tokenizer.vocab_size,
+        "num_params": count_params(self.state.params),
+        "corpus": corpus.name,
+        "backend": jax.default_backend(),
+        "devices": self.mesh.devices.size,
+        "processes": jax.process_count(),
+    }
+    if self.is_main:
+      files.write_json(self.workdir / "summary.json", summary)
+    return summary
+
+  def close(self, failed: bool) -> None:
+    if failed and self.bar is not None:  # clear it: the error line must stand alone
+      self.bar.leave = False
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+    if self.mngr is not None:
+      self.mngr.close()
+    if self.lock is not None:
+      self.lock.release()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       log=None, show_progress: bool = True) -> dict:
+                       log=None, show_progress: bool = True, on_end=None) -> dict:
   """Trains (or resumes) in `workdir`; returns the summary also written to summary.json.
 
   In a multi-process run every process calls this; only process 0 logs, holds
   the workdir lock and writes files other than checkpoints, which all
-  processes write together.
+  processes write together. `on_end(EndOfRun)` runs on process 0 after the
+  summary, before the metrics close (the launcher plots and samples there).
   """
-  start_time = time.perf_counter()
-  workdir = Path(workdir)
-  is_main = parallel.is_main_process()
-  if not is_main:
-    log = lambda line: None
-  log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
-
-  # -- Config, devices and data: every user mistake is caught here, before compiling.
-  corpus = load_corpus(config)
-  tokenizer, corpus_name, mesh = corpus.tokenizer, corpus.name, corpus.mesh
-  train_ids, val_ids = corpus.train_ids, corpus.val_ids
-  num_shards = mesh.devices.size
-  vocab = tokenizer.to_json()
-
-  # -- One writer per workdir: nothing there is touched before the lock is held.
-  workdir.mkdir(parents=True, exist_ok=True)
-  lock = _lock_workdir(workdir, is_main, log)
-  mngr = writer = bar = None
+  run = _Run(config, Path(workdir), log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr)),
+             show_progress)
+  failed = True
   try:
-    if is_main:
-      _remove_unfinished_writes(workdir, log)
-    parallel.barrier("minigpt_jax.cleaned")
-
-    # -- State, resumed from this workdir's newest good checkpoint, if any.
-    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
-    state = create_train_state(config, tokenizer.vocab_size, mesh)
-    state, meta = _resume(mngr, state, config, vocab, workdir, is_main, log)
-    config_dict = config.to_dict()
-    if is_main:
-      files.write_json(workdir / "config.json", config_dict)
-      files.write_json(workdir / "vocab.json", vocab)
-    num_params = count_params(state.params)
-    B, T, steps = config.train.batch_size, config.model.block_size, config.train.steps
-    splits = {"train": parallel.put_replicated(train_ids, mesh),
-              "val": parallel.put_replicated(val_ids, mesh)}
-    run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
-    wait_each_call = parallel.wait_each_call(mesh)
-    evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
-                                 eval_iters=config.train.eval_iters, mesh=mesh)
-
-    step = int(state.step)
-    writer = MetricsWriter(workdir, resume_step=step, log=log, enabled=is_main)
-    best = (meta.get("best_val_loss"), meta.get("best_step"))
-    if not _finite(best[0]):  # a checkpoint of an older version may hold NaN
-      best = (None, None)
-    guard = _DivergenceGuard(config.train.skip_nonfinite_updates)
-    start = "training from scratch" if not meta else f"resuming from step {step}"
-    log(f"{start} in {workdir}: {config.model.name}, {num_params:,} params, vocab "
-        f"{tokenizer.vocab_size}, corpus {corpus_name} ({len(train_ids):,} train / "
-        f"{len(val_ids):,} val chars), {jax.default_backend()} x {num_shards} "
-        f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
-
-    def diverged(problem: str) -> UserError:
-      latest = mngr.latest_step()
-      if latest is None:
-        good = "no checkpoint was saved yet"
-      else:
-        good = f"the last good checkpoint is step {latest}"
-        if best[1] is not None:
-          good += f" (best: step {best[1]}, val loss {best[0]:.4f})"
-      return UserError(
-          f"training diverged: {problem}; stopped without saving past it: {good}, in "
-          f"{mngr.directory}; rerun to resume from it with a lower "
-          "--config.train.learning_rate, or skip such updates with "
-          "--config.train.skip_nonfinite_updates=N")
-
-    def check_finite() -> None:
-      problem = guard.check()
-      if problem is not None:
-        raise diverged(problem)
-
-    def evaluate_and_save() -> dict:
-      nonlocal best, meta
-      check_finite()
-      losses = {k: float(v) for k, v in evaluate(state, splits).items()}
-      bad = [f"{k} loss {v}" for k, v in sorted(losses.items()) if not math.isfinite(v)]
-      if bad:
-        raise diverged(f"{' and '.join(bad)} at the evaluation of step {step}")
-      if best[0] is None or losses["val"] < best[0]:
-        best = (losses["val"], step)
-      meta = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-              "best_val_loss": best[0], "best_step": best[1]}
-      writer.write("eval", step, train_loss=losses["train"], val_loss=losses["val"],
-                   wall_s=round(time.perf_counter() - start_time, 2))
-      if step > 0:
-        checkpoint.save(mngr, state, config_dict, vocab, meta)
-      return meta
-
-    if step == 0:
-      evaluate_and_save()
-    elif step >= steps:
-      log(f"already at step {step} of {steps}; raise --config.train.steps to train longer")
-    # Speeds leave out the first call (compilation), evaluations and saves.
-    # `mark` is (step, time, paused seconds) at the start of a timed stretch.
-    first_call_end, loop_start, paused_s, mark = None, None, 0.0, None
-    bar = tqdm.tqdm(total=steps, initial=step, disable=not (show_progress and is_main),
-                    file=sys.stderr, unit="step", dynamic_ncols=True, mininterval=0.5)
+    run.start()
+    t = config.train
+    if run.step == 0:
+      run.evaluate_and_save()
+    elif run.step >= t.steps:
+      run.say(f"already at step {run.step} of {t.steps}; raise --config.train.steps to "
+              "train longer")
     with _Interrupt() as interrupt:
-      while step < steps:
-        n = _steps_in_next_call(step, config)
-        state, metrics = run_steps(state, splits["train"], num_steps=n)
-        guard.add(step, metrics)
-        if wait_each_call:
-          jax.block_until_ready(metrics)
-        step += n
-        if loop_start is None:
-          jax.block_until_ready(metrics)
-          first_call_end, loop_start = step, time.perf_counter()
-          mark = (step, loop_start, paused_s)
-        if step % config.train.log_every == 0 or step == steps:
-          check_finite()
-          last = {k: np.asarray(v)[-1].item() for k, v in metrics.items()}  # no compile
-          now = time.perf_counter()
-          elapsed = now - mark[1] - (paused_s - mark[2])
-          rate = (step - mark[0]) / elapsed if step > mark[0] and elapsed > 0 else None
-          mark = (step, now, paused_s)
-          bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-          skips = ({"skipped_updates": last["skipped_updates"]}
-                   if "skipped_updates" in last else {})
-          writer.write("train", step, loss=last["loss"], grad_norm=last["grad_norm"], **skips,
-                       learning_rate=config.train.learning_rate,
-                       steps_per_s=None if rate is None else round(rate, 3),
-                       tokens_per_s=None if rate is None else round(rate * B * T),
-                       wall_s=round(now - start_time, 2))
-        bar.update(n)
-        eval_due = step % config.train.eval_interval == 0 or step == steps
-        stop = parallel.any_process(interrupt.requested)  # all processes stop together
-        if eval_due or stop:
-          jax.block_until_ready(state)  # steps still running count as training time
-          pause_start = time.perf_counter()
-          if eval_due:
-            evaluate_and_save()
-          else:
-            check_finite()
-            meta = {**meta, "step": step, "train_loss": None, "val_loss": None}
-            checkpoint.save(mngr, state, config_dict, vocab, meta)
-          paused_s += time.perf_counter() - pause_start
-        if stop and step < steps:
-          bar.close()
-          raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in "
-                                  f"{workdir}; rerun the same command to resume")
-    bar.close()
-    timed_steps = step - first_call_end if first_call_end is not None else 0
-    train_time = (time.perf_counter() - loop_start - paused_s) if loop_start else 0.0
-
-    summary = {
-        "step": step,
-        "train_loss": meta.get("train_loss"),
-        "val_loss": meta.get("val_loss"),
-        "best_val_loss": best[0],
-        "best_step": best[1],
-        "wall_s": round(time.perf_counter() - start_time, 2),
-        "steps_per_s": round(timed_steps / train_time, 2) if timed_steps > 0 else None,
-        "tokens_per_s": round(timed_steps * B * T / train_time) if timed_steps > 0 else None,
-        "vocab_size": tokenizer.vocab_size,
-        "num_params": num_params,
-        "corpus": corpus_name,
-        "backend": jax.default_backend(),
-        "devices": num_shards,
-        "processes": jax.process_count(),
-    }
-    if is_main:
-      files.write_json(workdir / "summary.json", summary)
-      try:
-        plotting.save_loss_plot(workdir)
-      except OSError as e:
-        raise files.write_error(workdir / "loss.png", e) from None
-      if config.train.sample_tokens:
-        summary["sample"] = _sample(state, tokenizer, config)
-        writer.write_text("sample", step, summary["sample"])
-  except BaseException:
-    if bar is not None:  # clear it: the error line must stand alone
-      bar.leave = False
-      bar.close()
-    raise
+      while run.step < t.steps:
+        run.train_call()
+        if run.step % t.log_every == 0 or run.step == t.steps:
+          run.log_train()
+        stop = parallel.any_process(interrupt.requested)  # every process stops together
+        eval_due = run.step % t.eval_interval == 0 or run.step == t.steps
+        if eval_due:
+          run.evaluate_and_save()
+        if stop and run.step < t.steps:
+          if not eval_due:
+            run.save_for_stop()
+          run.bar.close()
+          raise KeyboardInterrupt(f"stopped at step {run.step}; checkpoint saved in "
+                                  f"{run.workdir}; rerun the same command to resume")
+    summary = run.summary()
+    if on_end is not None and run.is_main:
+      on_end(EndOfRun(run.state, run.corpus.tokenizer, run.writer, run.workdir, summary))
+    failed = False
   finally:
-    if writer is not None:
-      writer.close()
-    if mngr is not None:
-      mngr.close()
-    lock.release()
+    run.close(failed)
   return summary
 
 
@@ -556,12 +657,10 @@ def done_line(summary: dict, workdir) -> str:
           f"summary in {workdir}/summary.json")
 
 
-def _sample(state: TrainState, tokenizer: data.CharTokenizer,
-            config: ml_collections.ConfigDict) -> str:
+def sample_text(state: TrainState, tokenizer: data.CharTokenizer, num_tokens: int) -> str:
   """The end-of-training sample, on this process' first device alone, from its own stream."""
   params = jax.device_get(state.params)  # replicated: every process has them whole
   generate = sampling.make_generate(state.model_cfg)
   prompt_ids, _ = sampling.encode_prompt(tokenizer, "")
-  out = generate(params, prompt_ids, _stream(jax.device_get(state.rng), _SAMPLE),
-                 config.train.sample_tokens)
+  out = generate(params, prompt_ids, _stream(jax.device_get(state.rng), _SAMPLE), num_tokens)
   return tokenizer.decode(np.asarray(out[0]))

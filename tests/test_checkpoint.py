@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, train
+from minigpt_jax import checkpoint, config as config_lib, sampling, train
 from minigpt_jax.errors import UserError
 
 VOCAB = {"chars": "\n abc"}
@@ -49,13 +49,13 @@ def test_restoring_into_a_config_it_does_not_fit_names_the_field(tiny_config, fi
   saved = tiny_config.to_dict()
   tiny_config.model[field] = value
   with pytest.raises(UserError, match=f"config.model.{field}=") as e:
-    checkpoint.check_fits(saved, VOCAB, tiny_config, VOCAB, "runs/x")
+    config_lib.check_fits(saved, VOCAB, tiny_config, VOCAB, "runs/x")
   assert "\n" not in str(e.value)
 
 
 def test_a_different_vocabulary_does_not_fit(tiny_config):
   with pytest.raises(UserError, match="vocabulary"):
-    checkpoint.check_fits(tiny_config.to_dict(), VOCAB, tiny_config, {"chars": "xyz"}, "w")
+    config_lib.check_fits(tiny_config.to_dict(), VOCAB, tiny_config, {"chars": "xyz"}, "w")
 
 
 def test_a_save_cut_short_by_a_kill_is_ignored(tiny_config, tmp_path):
@@ -74,13 +74,13 @@ def test_a_save_cut_short_by_a_kill_is_ignored(tiny_config, tmp_path):
 
 def test_load_for_sampling_errors_name_the_fix(tiny_config, tmp_path):
   with pytest.raises(UserError, match="train first"):
-    checkpoint.load_for_sampling(tmp_path / "nothing")
+    sampling.load_for_sampling(tmp_path / "nothing")
   mngr = checkpoint.manager(tmp_path)
   checkpoint.save(mngr, _state(tiny_config, 2), tiny_config.to_dict(), VOCAB, {"val_loss": None})
   with pytest.raises(UserError, match="available steps: 2"):
-    checkpoint.load_for_sampling(tmp_path, step=5)
+    sampling.load_for_sampling(tmp_path, step=5)
   with pytest.raises(UserError, match="drop --best"):
-    checkpoint.load_for_sampling(tmp_path, best=True)
-  model_cfg, params, tokenizer, step = checkpoint.load_for_sampling(tmp_path)
+    sampling.load_for_sampling(tmp_path, best=True)
+  model_cfg, params, tokenizer, step = sampling.load_for_sampling(tmp_path)
   assert step == 2 and tokenizer.chars == VOCAB["chars"]
   assert model_cfg.n_embed == 32 and _leaves_equal(params, _state(tiny_config).params)

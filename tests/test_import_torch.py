@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from configs import bigram as bigram_config, frost_cpu
-from minigpt_jax import checkpoint, torch_import
+from minigpt_jax import sampling, torch_import
 from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
@@ -211,7 +211,7 @@ def test_imported_workdir_samples_torchs_greedy_text(kind, vocab_flag, tmp_path)
   _cli("import_torch.py", f"--state_dict={pt}", source, f"--config={config}", *sizes,
        f"--workdir={workdir}")
   assert json.loads((workdir / "vocab.json").read_text()) == TOKENIZER.to_json()
-  cfg, params, _, step = checkpoint.load_for_sampling(workdir)
+  cfg, params, _, step = sampling.load_for_sampling(workdir)
   assert step == 0 and _logits_diff(kind, forward, params, cfg) < 1e-4
   num_tokens = cfg.block_size - len(PROMPT)  # never past the window: no crop policy differs
   result = _cli("sample.py", f"--workdir={workdir}", f"--prompt={PROMPT}",

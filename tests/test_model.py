@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax.model import (Dense, Dropout, GPTDecoder, ModelConfig, build_model,
-                               count_params, cross_entropy, cudnn_causal_attention,
-                               init_cache, init_params, slice_kernels)
+from minigpt_jax import cpu_tricks
+from minigpt_jax.cpu_tricks import Dense, slice_kernels
+from minigpt_jax.model import (Dropout, ModelConfig, build_model, count_params, cross_entropy,
+                               cudnn_causal_attention, init_cache, init_params)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -225,19 +226,25 @@ def test_bfloat16_compute(name):
 
 
 def test_gpu_only_paths_are_off_on_cpu():
-  """On CPU the decoder's kernels are cut in 16 (whole on a GPU, where each slice is a
-  kernel launch) and attention is the explicit softmax (cuDNN's only on a GPU)."""
+  """On CPU the tricks are on ("auto"), so the decoder's kernels are cut in 16 (whole on
+  a GPU, where each slice is a kernel launch); attention is the explicit softmax (cuDNN's
+  only on a GPU)."""
   _, params = _setup(_tiny("gpt"))
-  assert len(slice_kernels(params)["block_0"]["mlp"]["fc"]["kernel"]) == 16
-  assert slice_kernels(params, pieces=1) is params
+  assert cpu_tricks.enabled("auto") and cpu_tricks.enabled("on")
+  assert not cpu_tricks.enabled("off")
+  assert ModelConfig.from_config({"name": "gpt", "block_size": 8}, V).cpu_tricks
+  assert len(slice_kernels(params, True)["block_0"]["mlp"]["fc"]["kernel"]) == 16
+  assert slice_kernels(params, True, pieces=1) is params
+  assert slice_kernels(params, False) is params
   q_BTHD = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
   assert cudnn_causal_attention(q_BTHD, q_BTHD, q_BTHD) is None
 
 
 def _decode_logits(cfg, params, idx_BT, prefill: int, cache=None):
   """Logits of every position: prefill the first `prefill` tokens, then one at a time."""
-  decoder = GPTDecoder(cfg)
-  run = jax.jit(lambda idx, pos, cache: decoder.apply({"params": params}, idx, pos, cache))
+  model = build_model(cfg)
+  run = jax.jit(lambda idx, pos, cache: model.apply({"params": params}, idx, cache=cache,
+                                                    pos=pos))
   cache = init_cache(cfg, idx_BT.shape[0]) if cache is None else cache
   logits_BPV, cache = run(idx_BT[:, :prefill], 0, cache)
   out = [logits_BPV]
@@ -247,27 +254,65 @@ def _decode_logits(cfg, params, idx_BT, prefill: int, cache=None):
   return np.concatenate(out, axis=1)
 
 
-def test_decoder_reads_gpt_params():
-  """Same names and shapes, so every GPT checkpoint decodes."""
-  cfg = _tiny("gpt")
+@pytest.mark.parametrize("tricks", [False, True])
+def test_decoding_uses_the_params_of_training(tricks):
+  """One GPT: called with a cache it makes the same parameter tree, so every checkpoint decodes."""
+  cfg = _tiny("gpt", cpu_tricks=tricks)
   idx_BT = jnp.zeros((1, cfg.block_size), jnp.int32)
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
   gpt = jax.eval_shape(lambda k: init_params(build_model(cfg), k), jax.random.key(0))
-  dec = jax.eval_shape(lambda k: GPTDecoder(cfg).init(k, idx_BT, 0, init_cache(cfg, 1)),
-                       jax.random.key(0))["params"]
+  dec = jax.eval_shape(lambda k: build_model(cfg).init(k, idx_BT, cache=init_cache(cfg, 1),
+                                                       pos=0), jax.random.key(0))["params"]
   assert shapes(dec) == shapes(gpt)
+  plain = jax.eval_shape(lambda k: init_params(build_model(_tiny("gpt")), k), jax.random.key(0))
+  assert shapes(gpt) == shapes(plain)  # the tricks change no parameter
+
+
+def test_cpu_tricks_change_no_result():
+  """The same params give the same logits and gradients with the switch on or off."""
+  on, off = _tiny("gpt", cpu_tricks=True), _tiny("gpt")
+  _, params = _setup(off)
+  idx_BT = _tokens(jax.random.key(3), 2, off.block_size)
+  loss = lambda cfg: jax.jit(jax.value_and_grad(
+      lambda p: cross_entropy(build_model(cfg).apply({"params": p}, idx_BT), idx_BT)))
+  (loss_on, grads_on), (loss_off, grads_off) = loss(on)(params), loss(off)(params)
+  np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_ad_through_the_loss_with_the_switch_off():
+  """jax.jvp of the training loss (dropout on) and a Hessian-vector product work."""
+  cfg = _tiny("gpt", dropout=0.1)
+  model, params = _setup(cfg)
+  idx_BT = _tokens(jax.random.key(4), 2, cfg.block_size)
+  rngs = {"dropout": jax.random.key(5)}
+  loss = lambda p: cross_entropy(model.apply({"params": p}, idx_BT, deterministic=False,
+                                             rngs=rngs), idx_BT)
+  v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(6), x.shape), params)
+  _, directional = jax.jit(lambda p, v: jax.jvp(loss, (p,), (v,)))(params, v)
+  dot = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(jax.grad(loss)(params)),
+                                           jax.tree.leaves(v)))
+  np.testing.assert_allclose(directional, dot, rtol=1e-4)
+  # Hessian-vector product forward-over-reverse, checked against reverse-over-forward.
+  hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params, v)
+  rof = jax.jit(jax.grad(lambda p, v: jax.jvp(loss, (p,), (v,))[1]))(params, v)
+  for a, b in zip(jax.tree.leaves(hvp), jax.tree.leaves(rof), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(hvp))
 
 
 @pytest.mark.parametrize("B, n_heads, prefill, pieces", [
     (2, 2, 3, 0), (1, 2, 1, 0), (1, 1, 8, 0), (2, 2, 3, 16), (1, 2, 1, 5)])
 def test_decoder_matches_gpt_forward(B, n_heads, prefill, pieces):
   """Prefill plus cached steps give GPT's logits at every position, up to rounding,
-  with the kernels whole (pieces=0) or cut by slice_kernels (5 does not divide them)."""
-  cfg = _tiny("gpt", n_heads=n_heads)
+  plain Flax with whole kernels (pieces=0), or with the CPU tricks and the kernels cut by
+  slice_kernels (5 does not divide them)."""
+  cfg = _tiny("gpt", n_heads=n_heads, cpu_tricks=bool(pieces))
   model, params = _setup(cfg)
   idx_BT = _tokens(jax.random.key(7), B, cfg.block_size)
   want_BTV = _apply(model, deterministic=True)(params, idx_BT)
-  decode_params = slice_kernels(params, pieces) if pieces else params
+  decode_params = slice_kernels(params, True, pieces) if pieces else params
   got_BTV = _decode_logits(cfg, decode_params, idx_BT, prefill)
   np.testing.assert_allclose(got_BTV, want_BTV, atol=2e-5, rtol=1e-5)
 

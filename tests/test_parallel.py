@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_FLAGS, assert_one_line_error
-from minigpt_jax import config as config_lib, parallel
+from minigpt_jax import config as config_lib, cpu_tricks, parallel
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +116,10 @@ def test_cpu_devices_after_jax_started_is_a_one_line_error():
 
 def test_only_several_cpu_devices_wait_for_each_call():
   """Queued calls over several CPU devices can deadlock XLA's all-reduce."""
-  assert not parallel.wait_each_call(None)
-  assert not parallel.wait_each_call(parallel.make_mesh(1))
+  assert not cpu_tricks.wait_each_call(None)
+  assert not cpu_tricks.wait_each_call(parallel.make_mesh(1))
   two_cpus = types.SimpleNamespace(devices=np.array(jax.devices("cpu")[:1] * 2))
-  assert parallel.wait_each_call(two_cpus)
+  assert cpu_tricks.wait_each_call(two_cpus)
 
 
 def _free_port(candidates=(0,)) -> int:

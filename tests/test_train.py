@@ -9,7 +9,7 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, train
+from minigpt_jax import checkpoint, data, sampling, train
 
 
 def _leaves_equal(a, b) -> bool:
@@ -38,7 +38,7 @@ def test_bfloat16_compute_learns_and_keeps_float32_params(tiny_config, tmp_path)
   tiny_config.train.update(steps=300, eval_interval=150, eval_iters=20)
   summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   assert summary["val_loss"] < _evals(tmp_path)[0]["val_loss"] - 1.2, summary
-  model_cfg, params, _, step = checkpoint.load_for_sampling(tmp_path)
+  model_cfg, params, _, step = sampling.load_for_sampling(tmp_path)
   assert step == 300 and model_cfg.dtype == "bfloat16"
   assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(params))
   state = train.create_train_state(tiny_config, summary["vocab_size"])

@@ -1,0 +1,138 @@
+"""Speed tricks for XLA:CPU, all behind one switch: `config.model.cpu_tricks`.
+
+"auto" (the default) turns them on where JAX runs on the CPU, "on" and "off"
+force them. None changes a result beyond float rounding. With the switch off
+the model is plain Flax (`nn.Dense`) and every function here takes the plain
+JAX path. Each trick's figures are in README "Speed", with their commands.
+
+Owns: `Dense` (the kernel-gradient VJP), `slice_kernels` (batch-1 decode),
+`mean_over_devices` (the all-gather gradient mean), and `wait_each_call`,
+which follows the backend alone, as it avoids a deadlock. May import: JAX and
+Flax only, so the model, sampling, parallel and the loop can all use it.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+SETTINGS = ("auto", "on", "off")
+INIT = nn.initializers.normal(stddev=0.02)  # the lecture's (and GPT-2's) weight init
+
+
+def enabled(setting: str) -> bool:
+  """Whether the tricks apply for a `config.model.cpu_tricks` value."""
+  return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
+
+
+# -- 1. The kernel gradient as (dy^T x)^T: faster on CPU, see README "Speed".
+
+@jax.custom_vjp
+def _matmul(x_MK, w_KN):
+  return x_MK @ w_KN
+
+
+def _matmul_fwd(x_MK, w_KN):
+  return x_MK @ w_KN, (x_MK, w_KN)
+
+
+def _matmul_bwd(residuals, dy_MN):
+  x_MK, w_KN = residuals
+  dw_NK = lax.dot_general(dy_MN, x_MK, (((0,), (0,)), ((), ())))  # dy^T x
+  return dy_MN @ w_KN.T, dw_NK.T
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters and math, with two CPU tricks (see README "Speed").
+
+  Training: the kernel gradient is formed as (dy^T x)^T, where nn.Dense's
+  x^T dy makes XLA:CPU copy dy into a transposed layout first. Decoding: the
+  kernel may come as a tuple of column slices (`slice_kernels`), many small
+  products XLA:CPU spreads over its cores. A custom VJP defines no
+  forward-mode derivative: turn the switch off for `jax.jvp`.
+  """
+  features: int
+  dtype: Any
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.is_initializing():
+      kernel = self.param("kernel", INIT, (x.shape[-1], self.features))
+    else:  # as given: whole [in, out], or a tuple of [in, out_i] slices
+      kernel = self.get_variable("params", "kernel")
+    x_MK = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: no per-slice reshapes
+    if isinstance(kernel, tuple):
+      y = jnp.concatenate([x_MK @ k.astype(self.dtype) for k in kernel], axis=-1)
+    else:
+      y = _matmul(x_MK, kernel.astype(self.dtype))
+    y = y.reshape(*x.shape[:-1], self.features)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+def dense(features: int, name: str, dtype, use_bias: bool = True, tricks: bool = False):
+  """The model's linear layer: `Dense` with the tricks on, else plain `nn.Dense`."""
+  if tricks:
+    return Dense(features, dtype, use_bias, name=name)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=INIT, name=name)
+
+
+# -- 2. Kernel slices for batch-1 decoding: faster on CPU, see README "Speed".
+
+def slice_kernels(params, tricks: bool, pieces: int = 16):
+  """GPT params with each block's kernels cut into `pieces` column slices (tricks on).
+
+  A batch-1 matrix-vector product runs on one core; XLA:CPU hands work to
+  another thread only when many operations are ready at once. Slicing copies
+  the weights once: do it outside the decode loop. With the tricks off (or
+  pieces=1) the params come back as they are.
+  """
+  if not tricks or pieces == 1:
+    return params
+
+  def cut(path, x):
+    if path[0].key.startswith("block_") and path[-1].key == "kernel":
+      return tuple(jnp.array_split(x, pieces, axis=1))
+    return x
+
+  return jax.tree_util.tree_map_with_path(cut, params)
+
+
+# -- 3. The gradient mean as one all-gather: faster on CPU, see README "Speed".
+
+def mean_over_devices(tree, axis_name: str, tricks: bool):
+  """The mean of `tree` over `axis_name`, inside shard_map; bit-identical on every device.
+
+  With the tricks on: one all-gather of the flattened tree and a sum in
+  device order (XLA:CPU's all-reduce is slow). Otherwise lax.pmean.
+  """
+  if not tricks:
+    return lax.pmean(tree, axis_name)
+  flat, unravel = ravel_pytree(tree)
+  gathered_NP = lax.all_gather(flat, axis_name)
+  total = gathered_NP[0]
+  for row in gathered_NP[1:]:  # adds, not .sum(0): XLA:CPU reduces slowly over a short axis
+    total = total + row
+  return unravel(total / gathered_NP.shape[0])
+
+
+# -- 4. One compiled call at a time on several CPU devices: a deadlock, not a speed-up.
+
+def wait_each_call(mesh) -> bool:
+  """Whether a loop must finish each compiled call before queuing the next.
+
+  With several CPU devices in one process, queued calls can deadlock XLA's
+  all-reduce rendezvous ("Expected 2 threads to join the rendezvous"), so
+  this follows the backend, not the switch; each call is large, so waiting
+  costs little.
+  """
+  return (mesh is not None and mesh.devices.size > 1
+          and mesh.devices.flat[0].platform == "cpu")
