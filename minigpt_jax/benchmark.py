@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data, hugepages, parallel, sampling, train
+from minigpt_jax import cpu_tricks, data, hugepages, loop, parallel, sampling, train
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -108,8 +108,8 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
   config.train.steps_per_dispatch steps each. Also returns the trained
   `state` (for sampling) and the vocabulary size.
   """
-  mesh = train.make_mesh(config)
-  corpus = train.load_corpus(config)
+  mesh = loop.make_mesh(config)
+  corpus = loop.load_corpus(config)
   state = train.create_train_state(config, corpus.tokenizer.vocab_size, mesh)
   train_N = parallel.put_replicated(corpus.train_ids, mesh)
   B, T, K = config.train.batch_size, config.model.block_size, config.train.steps_per_dispatch

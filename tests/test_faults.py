@@ -23,7 +23,7 @@ import pytest
 import soak
 from conftest import config_from_flags, tiny
 from configs import frost_cpu
-from minigpt_jax import checkpoint, sampling, train, workdir_lock
+from minigpt_jax import checkpoint, loop, sampling, train, workdir_lock
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter
 from minigpt_jax.model import ModelConfig, build_model, init_params
@@ -40,7 +40,7 @@ def _config(**train_fields):
 
 def _train(config, workdir, lines=None):
   log = None if lines is None else lines.append
-  return train.train_and_evaluate(config, workdir, log=log, show_progress=False)
+  return loop.train_and_evaluate(config, workdir, log=log, show_progress=False)
 
 
 def _leaves(workdir, step, config):
@@ -415,20 +415,20 @@ def test_an_interrupt_between_evaluations_saves_and_a_rerun_at_that_step_finishe
     if line.startswith("step 20:"):  # the eval line; the signal lands before the next call
       os.kill(os.getpid(), signal.SIGINT)
   with pytest.raises(KeyboardInterrupt, match="stopped at step 30"):
-    train.train_and_evaluate(config, tmp_path, log=interrupt_after_step_20, show_progress=False)
+    loop.train_and_evaluate(config, tmp_path, log=interrupt_after_step_20, show_progress=False)
   meta = checkpoint.restore_json(checkpoint.manager(tmp_path), 30)[2]
   assert meta["val_loss"] is None and meta["best_step"] == 20
   config.train.steps = 30
   summary = _train(config, tmp_path)
   assert summary["val_loss"] is None and summary["best_step"] == 20
-  line = train.done_line(summary, tmp_path)
+  line = loop.done_line(summary, tmp_path)
   assert line.startswith("done: step 30, train loss n/a, val loss n/a (best ")
 
 
 def test_the_first_signal_sets_the_flag_and_a_second_would_end_the_process():
   """A second Ctrl-C must not wait for a hung save: the first restores the default action."""
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  with train._Interrupt() as interrupt:
+  with loop._Interrupt() as interrupt:
     assert not interrupt.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert interrupt.requested

@@ -9,7 +9,7 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, sampling, train
+from minigpt_jax import checkpoint, data, loop, sampling, train
 
 
 def _leaves_equal(a, b) -> bool:
@@ -24,7 +24,7 @@ def _evals(workdir):
 
 def test_loss_falls_well_below_its_start_on_frost(tiny_config, tmp_path):
   tiny_config.train.update(steps=300, eval_interval=150, eval_iters=20)
-  summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   first = _evals(tmp_path)[0]
   assert abs(first["val_loss"] - math.log(summary["vocab_size"])) < 0.1
   assert summary["val_loss"] < first["val_loss"] - 1.2, summary
@@ -36,7 +36,7 @@ def test_bfloat16_compute_learns_and_keeps_float32_params(tiny_config, tmp_path)
   state and checkpoints stay float32, and sampling decodes in bfloat16 again."""
   tiny_config.model.dtype = "bfloat16"
   tiny_config.train.update(steps=300, eval_interval=150, eval_iters=20)
-  summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   assert summary["val_loss"] < _evals(tmp_path)[0]["val_loss"] - 1.2, summary
   model_cfg, params, _, step = sampling.load_for_sampling(tmp_path)
   assert step == 300 and model_cfg.dtype == "bfloat16"
@@ -48,7 +48,7 @@ def test_bfloat16_compute_learns_and_keeps_float32_params(tiny_config, tmp_path)
 
 
 def test_summary_has_the_documented_fields(tiny_config, tmp_path):
-  summary = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   written = json.loads((tmp_path / "summary.json").read_text())
   for field in ("step", "train_loss", "val_loss", "best_val_loss", "best_step", "wall_s",
                 "steps_per_s", "vocab_size", "num_params"):
@@ -60,8 +60,8 @@ def test_summary_has_the_documented_fields(tiny_config, tmp_path):
 
 
 def test_rerunning_a_finished_run_trains_nothing(tiny_config, tmp_path):
-  first = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
-  again = train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  first = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
+  again = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   for field in ("step", "train_loss", "val_loss", "best_val_loss", "best_step"):
     assert again[field] == first[field], field
   assert len(_evals(tmp_path)) == 3  # steps 0, 20, 40: none repeated
@@ -72,7 +72,7 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_config, 
   runs = []
   for name, seed in (("a", 7), ("b", 7), ("c", 8)):
     tiny_config.seed = seed
-    train.train_and_evaluate(tiny_config, tmp_path / name, show_progress=False)
+    loop.train_and_evaluate(tiny_config, tmp_path / name, show_progress=False)
     runs.append([(r["step"], r["train_loss"], r["val_loss"]) for r in _evals(tmp_path / name)])
   assert runs[0] == runs[1]
   assert runs[0] != runs[2]
@@ -80,11 +80,11 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tiny_config, 
 
 def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_config, tmp_path):
   tiny_config.model.dropout = 0.1
-  train.train_and_evaluate(tiny_config, tmp_path / "unbroken", show_progress=False)
+  loop.train_and_evaluate(tiny_config, tmp_path / "unbroken", show_progress=False)
   tiny_config.train.steps = 20  # stop half way, then rerun with the full length
-  train.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
+  loop.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
   tiny_config.train.steps = 40
-  train.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
+  loop.train_and_evaluate(tiny_config, tmp_path / "resumed", show_progress=False)
   assert _evals(tmp_path / "resumed") == [
       {**r, "wall_s": s["wall_s"]} for r, s in zip(_evals(tmp_path / "unbroken"),
                                                     _evals(tmp_path / "resumed"))]
@@ -147,7 +147,7 @@ def test_steps_per_dispatch_does_not_change_a_run(tiny_config, tmp_path):
   runs = {}
   for k in (1, 7):  # 7 divides neither log_every (10) nor eval_interval (20)
     tiny_config.train.steps_per_dispatch = k
-    train.train_and_evaluate(tiny_config, tmp_path / str(k), show_progress=False)
+    loop.train_and_evaluate(tiny_config, tmp_path / str(k), show_progress=False)
     records = map(json.loads, (tmp_path / str(k) / "metrics.jsonl").read_text().splitlines())
     runs[k] = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in records]
   assert [r[:2] for r in runs[7]] == [r[:2] for r in runs[1]]
@@ -166,11 +166,11 @@ def test_no_recompiles_across_steps_evaluations_and_a_resume(tiny_config, tmp_pa
   try:
     sizes = lambda: (train.jit_train_steps._cache_size(), train.jit_estimate_loss._cache_size())
     before = sizes()
-    train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # 4 calls, 3 evals
+    loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # 4 calls, 3 evals
     assert [a - b for a, b in zip(sizes(), before)] == [1, 1]
     first_run = len(compiles)
     tiny_config.train.steps = 40
-    train.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # resumes at 20
+    loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)  # resumes at 20
     assert sizes()[0] - before[0] == 1 and sizes()[1] - before[1] == 1
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
