@@ -60,8 +60,7 @@ class Dropout(nn.Module):
   row draws the same mask on whichever device computes it (the 1-vs-N-device
   tests rely on it). The rate is rounded to a multiple of 2**-16 (0.2 becomes
   0.199997). The hash is the threefry primitive itself, not jax.random: the
-  public per-row form (a vmap of fold_in and bits) trains slower, see README
-  "Speed".
+  public per-row form (fold_in and bits, vmapped) trains slower (README "Speed").
   """
   rate: float
 
