@@ -3,8 +3,9 @@
   python tests/soak.py --kills=20 [--steps=3000] [--seed=0] [--workdir=/tmp/soak]
 
 Kills come in three kinds, in turn: at a random moment after the launch
-(imports, compilation, restore), at a random moment of training, and during a
-save (as soon as orbax's temp folder, or a step not yet digested, appears).
+(imports, compilation, restore), at a random moment of training once the run
+has saved a new checkpoint, and during a save (as soon as orbax's temp
+folder, or a step not yet digested, appears).
 After each kill the same command runs again. Then the run is left to finish,
 and its final parameters, optimizer state and evaluations must equal, bit for
 bit, those of an unbroken run of the same command.
@@ -78,11 +79,13 @@ def _run_once(cmd, log: Path, kind: str | None, rng: random.Random, workdir: Pat
               env: dict, times=(5.0, 2.0), kills: int = 3, timeout: float = 300.0):
   """Runs `cmd` until it ends or a kill of `kind` (None: no kill) fires.
 
-  `times` is (seconds to the start line, seconds after it) of an unbroken run;
-  a training kill lands within 1/`kills` of the training time, so that all the
-  kills land before the run's last save. Returns (killed, mid_save, exit status,
-  (seconds to the start line, seconds after it)).
+  `times` is (seconds to the start line, seconds after it) of an unbroken run.
+  A training kill waits for the run to save one new checkpoint, so the soak
+  makes progress, then lands within 1/`kills` of the training time, so that
+  all the kills land before the run ends. Returns (killed, mid_save, exit
+  status, (seconds to the start line, seconds after it)).
   """
+  newest_before = max(_complete_steps(workdir), default=-1)
   with log.open("w") as err:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
   start = time.monotonic()
@@ -96,8 +99,9 @@ def _run_once(cmd, log: Path, kind: str | None, rng: random.Random, workdir: Pat
       raise RuntimeError(f"run timed out; log in {log}")
     if started_at is None and _started(log):
       started_at = now
-      if kind == "training":
-        deadline = now + rng.uniform(0.0, times[1] / max(kills, 1))
+    if (kind == "training" and deadline is None and started_at is not None
+        and max(_complete_steps(workdir), default=-1) > newest_before):
+      deadline = now + rng.uniform(0.0, times[1] / max(kills, 1))
     if kind == "save":
       fire = started_at is not None and _saving(workdir)
     else:
