@@ -135,7 +135,7 @@ class _DivergenceGuard:
       first, last = pending[0][0] + 1, pending[-1][0] + len(pending[-1][1]["loss"])
       problem = (f"loss {host['loss'][i]} and gradient norm {host['grad_norm'][i]} at step "
                  f"{start + i + 1} (the first of steps {first}-{last} not finite)")
-      if self.skip_limit:
+      if self.skip_limit and streak_K[i] > self.skip_limit:
         problem += (f", after {self.skip_limit} skipped updates in a row, the limit of "
                     "config.train.skip_nonfinite_updates")
       return problem
