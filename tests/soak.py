@@ -196,7 +196,7 @@ def soak(kills: int, steps: int, eval_interval: int, seed: int, workdir: Path) -
   return report
 
 
-def main() -> int:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--steps", type=int, default=3000)
@@ -204,7 +204,7 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="Empty folder for the runs (default: a "
                       "new temporary one).")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   workdir = Path(args.workdir or tempfile.mkdtemp(prefix="soak_"))
   report = soak(args.kills, args.steps, args.eval_interval, args.seed, workdir)
   print(json.dumps({**report, "workdir": str(workdir)}, indent=1))
