@@ -95,10 +95,7 @@ def save(mngr: ocp.CheckpointManager, state, config_dict: dict, vocab: dict,
     if error is None:
       raise
     _remove_after_failed_save(mngr)
-    raise UserError(f"could not save checkpoint step {step} in {mngr.directory}: "
-                    f"{error.strerror or error}; free disk space or make the folder "
-                    "writable, then rerun the same command to resume from the last "
-                    "checkpoint") from None
+    raise _save_error(mngr, step, f"{error.strerror or error}", "or make the folder writable")
 
 
 def _check_free_space(mngr: ocp.CheckpointManager, state, step: int) -> None:
@@ -110,10 +107,14 @@ def _check_free_space(mngr: ocp.CheckpointManager, state, step: int) -> None:
   need = sum(x.nbytes for x in jax.tree_util.tree_leaves((state.params, state.opt_state)))
   free = shutil.disk_usage(Path(mngr.directory)).free
   if parallel.any_process(need > free):
-    raise UserError(f"could not save checkpoint step {step} in {mngr.directory}: "
-                    f"{os.strerror(errno.ENOSPC)} (it needs about {need / 1e6:.1f} MB, "
-                    f"{free / 1e6:.1f} MB are free); free disk space, then rerun the same "
-                    "command to resume from the last checkpoint")
+    raise _save_error(mngr, step, f"{os.strerror(errno.ENOSPC)} (it needs about "
+                      f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)")
+
+
+def _save_error(mngr: ocp.CheckpointManager, step: int, cause: str, fix: str = "") -> UserError:
+  return UserError(f"could not save checkpoint step {step} in {mngr.directory}: {cause}; "
+                   f"free disk space{' ' + fix if fix else ''}, then rerun the same command "
+                   "to resume from the last checkpoint")
 
 
 def _remove_after_failed_save(mngr: ocp.CheckpointManager) -> None:
@@ -251,16 +252,14 @@ def restore_newest(mngr: ocp.CheckpointManager, load, warn, steps=None,
   steps = list(mngr.all_steps() if steps is None else steps)
   if newest_first:
     steps.sort(reverse=True)
-  damaged = []
-  for step in steps:
+  for i, step in enumerate(steps):
     try:
       return step, load(step)
     except Damaged as e:
-      damaged.append(step)
-      nxt = "none left" if step == steps[-1] else f"trying step {steps[steps.index(step) + 1]}"
+      nxt = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
       warn(f"warning: {e} (in {mngr.directory}); {nxt}")
   raise UserError(f"no checkpoint in {mngr.directory} restores (damaged steps: "
-                  f"{', '.join(map(str, damaged))}); restore them from a backup, or train "
+                  f"{', '.join(map(str, steps))}); restore them from a backup, or train "
                   "again in a new --workdir")
 
 

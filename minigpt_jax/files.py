@@ -1,8 +1,8 @@
-"""Small, safe file writes for run folders: atomic strict JSON, one-line write errors.
+"""Small, safe file writes for run folders: atomic text and strict JSON, one-line write errors.
 
 No JAX here, so readers of a workdir (plot.py) stay cheap to import.
 
-Owns: `write_json`, `finite_or_none`, `write_error`. May import: errors.
+Owns: `write_text`, `write_json`, `finite_or_none`, `write_error`. May import: errors.
 """
 
 import json
@@ -24,8 +24,8 @@ def finite_or_none(obj):
   return obj
 
 
-def write_json(path: Path, obj) -> None:
-  """Atomic, strict JSON write: a kill mid-write leaves the old file, never half a file.
+def write_text(path: Path, text: str) -> None:
+  """Atomic write: a kill mid-write leaves the old file, never half a file.
 
   A write that fails (a full disk, a read-only folder) removes its temporary
   file and raises UserError naming the path and the cause.
@@ -33,12 +33,17 @@ def write_json(path: Path, obj) -> None:
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
   try:
-    tmp.write_text(json.dumps(finite_or_none(obj), indent=2, sort_keys=True,
-                              allow_nan=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
   except OSError as e:
     tmp.unlink(missing_ok=True)
     raise write_error(path, e) from None
+
+
+def write_json(path: Path, obj) -> None:
+  """`write_text` of strict JSON: non-finite floats become null."""
+  write_text(path, json.dumps(finite_or_none(obj), indent=2, sort_keys=True,
+                              allow_nan=False) + "\n")
 
 
 def write_error(path, error: OSError) -> UserError:

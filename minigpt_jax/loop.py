@@ -294,13 +294,15 @@ class _Run:
     best = (self.meta.get("best_val_loss"), self.meta.get("best_step"))
     self.best = best if _finite(best[0]) else (None, None)  # older versions saved NaN
     self.guard = _DivergenceGuard(config.train.skip_nonfinite_updates)
-    self._compile_fns()
+    self._bind_steps()
     self._log_start()
     return self
 
-  def _compile_fns(self) -> None:
+  def _bind_steps(self) -> None:
+    """The compiled step and evaluation with this run's shapes, and the corpus on device."""
     t, mesh = self.config.train, self.mesh
     B, T = t.batch_size, self.config.model.block_size
+    self.tokens_per_step = B * T
     self.splits = {"train": parallel.put_replicated(self.corpus.train_ids, mesh),
                    "val": parallel.put_replicated(self.corpus.val_ids, mesh)}
     self.run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
@@ -346,8 +348,7 @@ class _Run:
         "train", self.step, loss=last["loss"], grad_norm=last["grad_norm"], **skips,
         learning_rate=t.learning_rate,
         steps_per_s=None if rate is None else round(rate, 3),
-        tokens_per_s=None if rate is None else round(rate * t.batch_size *
-                                                      self.config.model.block_size),
+        tokens_per_s=None if rate is None else round(rate * self.tokens_per_step),
         wall_s=self.clock.wall_s())
 
   def evaluate_and_save(self) -> None:
@@ -399,7 +400,7 @@ class _Run:
   def summary(self) -> dict:
     self.bar.close()
     rate = self.clock.overall_rate(self.step)
-    c, corpus = self.config, self.corpus
+    corpus = self.corpus
     summary = {
         "step": self.step,
         "train_loss": self.meta.get("train_loss"),
@@ -408,8 +409,7 @@ class _Run:
         "best_step": self.best[1],
         "wall_s": self.clock.wall_s(),
         "steps_per_s": None if rate is None else round(rate, 2),
-        "tokens_per_s": None if rate is None else round(
-            rate * c.train.batch_size * c.model.block_size),
+        "tokens_per_s": None if rate is None else round(rate * self.tokens_per_step),
         "vocab_size": corpus.tokenizer.vocab_size,
         "num_params": count_params(self.state.params),
         "corpus": corpus.name,

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from minigpt_jax.files import finite_or_none, write_error
+from minigpt_jax.files import finite_or_none, write_error, write_text
 
 EVENTS_GLOB = "events.out.tfevents.*"
 _writers_made = itertools.count()  # orders the events files of one process and second
@@ -67,13 +67,7 @@ class MetricsWriter:
     elif resume_step == 0:
       for old in Path(workdir).glob(EVENTS_GLOB):
         old.unlink()
-    tmp = self.path.with_name(f".{self.path.name}.tmp")
-    try:  # atomic: a kill mid-rewrite leaves the old file
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, self.path)
-    except OSError as e:
-      tmp.unlink(missing_ok=True)
-      raise write_error(self.path, e) from None
+    write_text(self.path, "".join(line + "\n" for line in kept))  # atomic
 
     from tensorboardX import SummaryWriter  # imported here: it is slow to import
 
