@@ -15,6 +15,11 @@ from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
 DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("relu", "gelu")
+POSITIONS = ("learned", "rope")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+DECAY_GROUPS = ("all", "matrices")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,16 +45,36 @@ def get_config() -> ml_collections.ConfigDict:
   # cpu_tricks.py: speed-ups for XLA:CPU; "auto" turns them on for the CPU
   # backend. "off" keeps the model plain Flax (forward-mode AD works).
   config.model.cpu_tricks = "auto"
+  # Recipe options; the defaults are the lecture's (nanoGPT: gelu, no bias, tied).
+  config.model.activation = "relu"  # "relu" | "gelu" (tanh approximation, as GPT-2)
+  config.model.bias = True  # biases of the Linear and LayerNorm layers
+  config.model.tie_embeddings = False  # the head reuses the token embedding
+  config.model.position = "learned"  # "learned" table | "rope" (rotary, in attention)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16
   config.train.steps = 5000  # optimizer updates
-  config.train.learning_rate = 1e-3  # constant, as in the lecture
+  config.train.learning_rate = 1e-3  # the peak; constant, as in the lecture
+  # The schedule over train.steps (optimizer.py): "constant" | "cosine" | "linear"
+  # | "wsd" (warmup, stable, then a linear decay over the last decay_fraction).
+  config.train.schedule = "constant"
+  config.train.warmup_steps = 0  # linear from 0 to learning_rate
+  config.train.min_learning_rate = 0.0  # where cosine, linear and wsd end
+  config.train.decay_fraction = 0.2  # wsd: the share of steps spent decaying
   # AdamW with PyTorch's defaults, applied to every parameter as torch does.
+  config.train.optimizer = "adamw"  # "adamw" | "muon" (hidden matrices; AdamW the rest)
+  config.train.muon_learning_rate = 0.02  # muon's group; learning_rate is AdamW's
   config.train.beta1 = 0.9
   config.train.beta2 = 0.999
   config.train.eps = 1e-8
   config.train.weight_decay = 0.01
+  config.train.weight_decay_on = "all"  # "all" (torch) | "matrices" (2-D and up, nanoGPT)
+  config.train.grad_clip = 0.0  # clip the global gradient norm to this; 0: off
+  # Micro-batches of batch_size / K rows per update, their gradients averaged:
+  # the same update as the whole batch, in less memory.
+  config.train.grad_accum_steps = 1
+  # Stop (saving) when val has not improved for N evaluations; 0: off.
+  config.train.early_stop_evals = 0
   config.train.eval_interval = 500  # steps between loss estimates/checkpoints
   config.train.eval_iters = 200  # batches averaged per split per estimate
   config.train.log_every = 50  # steps between progress-bar loss updates
@@ -101,6 +126,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"use one of {', '.join(DTYPES)}")
   _require(m.cpu_tricks in cpu_tricks.SETTINGS, "model.cpu_tricks", f"is {m.cpu_tricks!r}",
            f"use one of {', '.join(cpu_tricks.SETTINGS)}")
+  for field, value, choices in (("model.activation", m.activation, ACTIVATIONS),
+                                ("model.position", m.position, POSITIONS),
+                                ("train.schedule", t.schedule, SCHEDULES),
+                                ("train.optimizer", t.optimizer, OPTIMIZERS),
+                                ("train.weight_decay_on", t.weight_decay_on, DECAY_GROUPS)):
+    _require(value in choices, field, f"is {value!r}", f"use one of {', '.join(choices)}")
+  for field, value in (("model.bias", m.bias), ("model.tie_embeddings", m.tie_embeddings)):
+    _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
+  if m.position == "rope":
+    _require((m.n_embed // m.n_heads) % 2 == 0, "model.position",
+             f"is 'rope' but the head size n_embed / n_heads = {m.n_embed // m.n_heads} is odd",
+             "choose n_embed and n_heads with an even head size")
   _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout!r}",
            "use a rate in [0, 1)")
   _require(t.learning_rate > 0, "train.learning_rate",
@@ -109,6 +146,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"is {t.weight_decay!r}", "use a non-negative weight decay")
   _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2",
            f"are {t.beta1!r}/{t.beta2!r}", "use values in [0, 1)")
+  _require(t.muon_learning_rate > 0, "train.muon_learning_rate",
+           f"is {t.muon_learning_rate!r}", "use a positive learning rate")
+  _require(0.0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
+           f"is {t.min_learning_rate!r}",
+           f"use a value from 0 to train.learning_rate ({t.learning_rate!r})")
+  _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps < t.steps,
+           "train.warmup_steps", f"is {t.warmup_steps!r}",
+           f"use 0 or a count below train.steps ({t.steps})")
+  _require(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction",
+           f"is {t.decay_fraction!r}", "use a fraction in (0, 1]")
+  _require(t.grad_clip >= 0, "train.grad_clip", f"is {t.grad_clip!r}",
+           "use 0 (off) or a positive global norm")
+  _require(isinstance(t.grad_accum_steps, int) and t.grad_accum_steps > 0,
+           "train.grad_accum_steps", f"is {t.grad_accum_steps!r}",
+           "set it to a positive integer")
+  _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
+           f"({t.batch_size}) does not divide into config.train.grad_accum_steps "
+           f"({t.grad_accum_steps}) micro-batches",
+           "use a batch_size that is a multiple of grad_accum_steps")
+  _require(isinstance(t.early_stop_evals, int) and t.early_stop_evals >= 0,
+           "train.early_stop_evals", f"is {t.early_stop_evals!r}",
+           "use 0 (off) or a positive count of evaluations")
   _require(t.eps > 0, "train.eps", f"is {t.eps!r}", "use a small positive eps")
   _require(isinstance(t.skip_nonfinite_updates, int) and t.skip_nonfinite_updates >= 0,
            "train.skip_nonfinite_updates", f"is {t.skip_nonfinite_updates!r}",
@@ -148,6 +207,11 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
   _require(config.train.batch_size % shards == 0, "train.batch_size",
            f"({config.train.batch_size}) does not divide by the {shards} data shards",
            f"use a multiple of {shards} or set config.mesh.data to a divisor of it")
+  accum = config.train.grad_accum_steps
+  _require(config.train.batch_size % (shards * accum) == 0, "train.batch_size",
+           f"({config.train.batch_size}) does not divide into {shards} data shards of "
+           f"{accum} micro-batches (config.train.grad_accum_steps)",
+           f"use a multiple of {shards * accum}")
   return shards
 
 

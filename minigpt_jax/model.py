@@ -41,6 +41,10 @@ class ModelConfig:
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params stay float32
   cpu_tricks: bool = False  # cpu_tricks.py: faster on CPU, see README "Speed"
+  activation: str = "relu"  # "relu" | "gelu"
+  bias: bool = True  # Linear and LayerNorm biases
+  tie_embeddings: bool = False  # the head is tok_embed's transpose
+  position: str = "learned"  # "learned" | "rope"
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
