@@ -5,12 +5,12 @@ fields that differ, so every run has every field.
 
 Owns: the defaults, every check of a config (alone, against the data, the
 devices, or a checkpoint's saved config). May import: ml_collections, data,
-cpu_tricks, errors.
+cpu_tricks, optimizer, errors.
 """
 
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data
+from minigpt_jax import cpu_tricks, data, optimizer
 from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
@@ -228,14 +228,13 @@ def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
       raise UserError(
           f"checkpoint in {where} has config.model.{field}={saved!r} but this "
           f"config has {now!r}; pass --config.model.{field}={saved!r} or use a new --workdir")
-  saved_skip = saved_config["train"].get("skip_nonfinite_updates", 0)
-  now_skip = config.train.skip_nonfinite_updates
-  if bool(saved_skip) != bool(now_skip):  # apply_if_finite wraps the optimizer state
+  field = optimizer.layout_change(saved_config["train"], config.train)
+  if field is not None:
+    saved = saved_config["train"].get(field, "its default")
     raise UserError(
-        f"checkpoint in {where} has config.train.skip_nonfinite_updates={saved_skip!r} but "
-        f"this config has {now_skip!r}, and turning skipping on or off changes the "
-        f"optimizer state; pass --config.train.skip_nonfinite_updates={saved_skip} "
-        "or use a new --workdir")
+        f"checkpoint in {where} has config.train.{field}={saved!r} but this config has "
+        f"{config.train[field]!r}, which changes the optimizer state's layout; pass "
+        f"--config.train.{field}={saved!r} or use a new --workdir")
   if saved_vocab["chars"] != vocab["chars"]:
     raise UserError(
         f"checkpoint in {where} was trained on a text with a different vocabulary "

@@ -30,10 +30,10 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, parallel,
-                         sampling, workdir_lock)
+from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, optimizer,
+                         parallel, sampling, workdir_lock)
 from minigpt_jax.errors import UserError
-from minigpt_jax.metrics import MetricsWriter
+from minigpt_jax.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.model import count_params
 from minigpt_jax.train import (TrainState, create_train_state, jit_estimate_loss,
                                jit_train_steps, sample_key)
@@ -81,6 +81,7 @@ class Corpus(NamedTuple):
   name: str
   train_ids: np.ndarray
   val_ids: np.ndarray
+  tokens_per_char: float = 1.0  # for bits per character; characters are the tokens
 
 
 def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
@@ -266,6 +267,7 @@ class _Run:
     self.clock = Stopwatch()
     self.lock = self.mngr = self.writer = self.bar = None
     self.show_progress = show_progress
+    self.early_stopped = False
 
   # -- Setup -------------------------------------------------------------------------------
 
@@ -305,7 +307,8 @@ class _Run:
     self.tokens_per_step = B * T
     self.splits = {"train": parallel.put_replicated(self.corpus.train_ids, mesh),
                    "val": parallel.put_replicated(self.corpus.val_ids, mesh)}
-    self.run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh)
+    self.run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh,
+                                       grad_accum_steps=t.grad_accum_steps)
     self.evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
                                       eval_iters=t.eval_iters, mesh=mesh)
     self.wait_each_call = cpu_tricks.wait_each_call(mesh)
@@ -344,9 +347,12 @@ class _Run:
     self.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
     skips = {"skipped_updates": last["skipped_updates"]} if "skipped_updates" in last else {}
     t = self.config.train
+    rates = {"learning_rate": optimizer.learning_rate_at(t, self.step - 1)}
+    if t.optimizer == "muon":
+      rates["muon_learning_rate"] = optimizer.learning_rate_at(t, self.step - 1,
+                                                               t.muon_learning_rate)
     self.writer.write(
-        "train", self.step, loss=last["loss"], grad_norm=last["grad_norm"], **skips,
-        learning_rate=t.learning_rate,
+        "train", self.step, loss=last["loss"], grad_norm=last["grad_norm"], **skips, **rates,
         steps_per_s=None if rate is None else round(rate, 3),
         tokens_per_s=None if rate is None else round(rate * self.tokens_per_step),
         wall_s=self.clock.wall_s())
@@ -365,9 +371,21 @@ class _Run:
                    "val_loss": losses["val"], "best_val_loss": self.best[0],
                    "best_step": self.best[1]}
       self.writer.write("eval", self.step, train_loss=losses["train"],
-                        val_loss=losses["val"], wall_s=self.clock.wall_s())
+                        val_loss=losses["val"], train_bpc=self.bpc(losses["train"]),
+                        val_bpc=self.bpc(losses["val"]), wall_s=self.clock.wall_s())
       if self.step > 0:
         checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)
+
+  def bpc(self, loss: float | None) -> float | None:
+    return bits_per_char(loss, self.corpus.tokens_per_char)
+
+  def stalled(self) -> bool:
+    """Whether val has not improved for `early_stop_evals` evaluations (0: never)."""
+    t = self.config.train
+    best_step = self.best[1]
+    return (t.early_stop_evals > 0 and best_step is not None
+            and self.meta.get("val_loss") is not None
+            and self.step - best_step >= t.early_stop_evals * t.eval_interval)
 
   def save_for_stop(self) -> None:
     """The checkpoint of a stop between evaluations: its losses are unmeasured."""
@@ -407,6 +425,10 @@ class _Run:
         "val_loss": self.meta.get("val_loss"),
         "best_val_loss": self.best[0],
         "best_step": self.best[1],
+        "train_bpc": self.bpc(self.meta.get("train_loss")),
+        "val_bpc": self.bpc(self.meta.get("val_loss")),
+        "best_val_bpc": self.bpc(self.best[0]),
+        "early_stopped": self.early_stopped,
         "wall_s": self.clock.wall_s(),
         "steps_per_s": None if rate is None else round(rate, 2),
         "tokens_per_s": None if rate is None else round(rate * self.tokens_per_step),
@@ -453,8 +475,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     elif run.step >= t.steps:
       run.say(f"already at step {run.step} of {t.steps}; raise --config.train.steps to "
               "train longer")
+    if run.step < t.steps and run.stalled():
+      run.early_stopped = True
+      run.say(f"already stopped early at step {run.step}: val has not improved since step "
+              f"{run.best[1]}; raise --config.train.early_stop_evals to train on")
     with _Interrupt() as interrupt:
-      while run.step < t.steps:
+      while run.step < t.steps and not run.early_stopped:
         run.train_call()
         if run.step % t.log_every == 0 or run.step == t.steps:
           run.log_train()
@@ -462,7 +488,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         eval_due = run.step % t.eval_interval == 0 or run.step == t.steps
         if eval_due:
           run.evaluate_and_save()
-        if stop and run.step < t.steps:
+          run.early_stopped = run.stalled()
+          if run.early_stopped:
+            run.say(f"stopping early at step {run.step}: val has not improved for "
+                    f"{t.early_stop_evals} evaluations (best {run.best[0]:.4f} at step "
+                    f"{run.best[1]}; config.train.early_stop_evals)")
+        if stop and run.step < t.steps and not run.early_stopped:
           if not eval_due:
             run.save_for_stop()
           run.bar.close()
@@ -483,7 +514,8 @@ def done_line(summary: dict, workdir) -> str:
   best = ("" if summary["best_step"] is None else
           f" (best {loss(summary['best_val_loss'])} at step {summary['best_step']})")
   rate = "" if summary["steps_per_s"] is None else f", {summary['steps_per_s']} steps/s"
-  return (f"done: step {summary['step']}, train loss {loss(summary['train_loss'])}, "
+  early = " (stopped early)" if summary.get("early_stopped") else ""
+  return (f"done{early}: step {summary['step']}, train loss {loss(summary['train_loss'])}, "
           f"val loss {loss(summary['val_loss'])}{best}{rate}, {summary['wall_s']} s; "
           f"summary in {workdir}/summary.json")
 

@@ -11,11 +11,12 @@ The JSON is strict: a non-finite value is written as `null` (TensorBoard still
 gets the NaN, so a diverging run shows). The resume rewrite is atomic, and a
 failed write (a full disk) is a UserError naming the file.
 
-Owns: `MetricsWriter`. May import: files, tensorboardX; no JAX.
+Owns: `MetricsWriter`, `bits_per_char`. May import: files, tensorboardX; no JAX.
 """
 
 import itertools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ from minigpt_jax.files import finite_or_none, write_error, write_text
 
 EVENTS_GLOB = "events.out.tfevents.*"
 _writers_made = itertools.count()  # orders the events files of one process and second
+
+
+def bits_per_char(loss: float | None, tokens_per_char: float = 1.0) -> float | None:
+  """A loss in nats per token as bits per character, comparable across tokenizers."""
+  if loss is None:
+    return None
+  return round(loss * tokens_per_char / math.log(2), 4)
 
 
 def _fmt(value) -> str:

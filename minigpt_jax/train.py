@@ -12,9 +12,10 @@ its rows of the global batch (a shard_map), and the averaged gradients update
 params and optimizer state, which are replicated. See `parallel.py`.
 
 The loop that drives these (files, checkpoints, logs, signals) is `loop.py`.
-Owns: `TrainState`, `make_optimizer`, `create_train_state`, `train_step`,
-`train_steps`, `eval_step`, `estimate_loss`. May import: model, data,
-parallel, cpu_tricks; nothing that writes files.
+The optimizer `config.train` asks for is built in `optimizer.py`.
+Owns: `TrainState`, `create_train_state`, `train_step` (with gradient
+accumulation), `train_steps`, `eval_step`, `estimate_loss`. May import: model,
+data, optimizer, parallel, cpu_tricks; nothing that writes files.
 """
 
 import functools
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from minigpt_jax import cpu_tricks, data, parallel
 from minigpt_jax.model import ModelConfig, build_model, cross_entropy, init_params
+from minigpt_jax.optimizer import make_optimizer
 
 # Streams derived from the root key; never reuse one for two purposes.
 _DATA, _DROPOUT, _EVAL, _INIT, _SAMPLE = range(5)
@@ -55,24 +57,6 @@ class TrainState(flax.struct.PyTreeNode):
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return build_model(self.model_cfg).apply(
         {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs, first_row=first_row)
-
-
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with PyTorch's defaults, decaying every parameter as torch.optim.AdamW does.
-
-  With `skip_nonfinite_updates` = N > 0, wrapped in `optax.apply_if_finite`:
-  an update whose gradients are not finite is dropped, up to N in a row.
-  """
-  return _adamw(train_config.learning_rate, train_config.beta1, train_config.beta2,
-                train_config.eps, train_config.weight_decay,
-                train_config.skip_nonfinite_updates)
-
-
-@functools.cache
-def _adamw(learning_rate, b1, b2, eps, weight_decay, skip_nonfinite) -> optax.GradientTransformation:
-  # Cached: equal settings give the same object, so jit reuses its compilations.
-  tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  return optax.apply_if_finite(tx, skip_nonfinite) if skip_nonfinite else tx
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int,
@@ -107,31 +91,34 @@ def _shard_batch(batch, mesh: Mesh | None):
   return lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
-def train_step(state: TrainState, batch, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
-  """One AdamW update on batch (x_BT, y_BT); dropout keyed by the step.
+def train_step(state: TrainState, batch, mesh: Mesh | None = None,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update on batch (x_BT, y_BT); dropout keyed by the step.
 
-  Metrics: the loss and the global gradient norm; with skipped non-finite
-  updates on, also the current run of skips and their total.
+  Metrics: the loss and the global gradient norm (before clipping); with
+  skipped non-finite updates on, also the current run of skips and their total.
 
   With a mesh of several devices, each device computes the loss and
   gradients of its rows of the batch (shard_map), and one
-  `cpu_tricks.mean_over_devices` averages them. Dropout masks depend on the
-  key and each row's index in the whole batch, so any number of devices
-  draws the same masks.
+  `cpu_tricks.mean_over_devices` averages them. With `grad_accum_steps` = K,
+  each device's rows go through in K micro-batches whose gradients are
+  averaged: the same update, in less memory. Dropout masks depend on the key
+  and each row's index in the whole batch, so any number of devices and
+  micro-batches draws the same masks.
   """
   x_BT, y_BT = batch
   dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
   data_parallel = mesh is not None and mesh.devices.size > 1
 
+  def loss_fn(params, x_bT, y_bT, first_row):
+    logits_bTV = state.apply(params, x_bT, deterministic=False, dropout_key=dropout_key,
+                             first_row=first_row)
+    return cross_entropy(logits_bTV, y_bT)
+
   def loss_and_grads(params, x_bT, y_bT):
     first_row = lax.axis_index(parallel.DATA_AXIS) * x_bT.shape[0] if data_parallel else 0
-
-    def loss_fn(params):
-      logits_bTV = state.apply(params, x_bT, deterministic=False, dropout_key=dropout_key,
-                               first_row=first_row)
-      return cross_entropy(logits_bTV, y_bT)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = _accumulate(jax.value_and_grad(loss_fn), params, x_bT, y_bT, first_row,
+                              grad_accum_steps)
     if not data_parallel:
       return loss, grads
     return cpu_tricks.mean_over_devices((loss, grads), parallel.DATA_AXIS,
@@ -151,8 +138,25 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None) -> tuple[Trai
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def _accumulate(value_and_grad, params, x_bT, y_bT, first_row, micro_batches: int):
+  """(loss, grads) of rows x_bT as the mean over `micro_batches` equal slices of them."""
+  if micro_batches == 1:
+    return value_and_grad(params, x_bT, y_bT, first_row)
+  rows = x_bT.shape[0] // micro_batches
+  x_KmT, y_KmT = (a.reshape(micro_batches, rows, *a.shape[1:]) for a in (x_bT, y_bT))
+
+  def add(total, k):
+    loss_grads = value_and_grad(params, x_KmT[k], y_KmT[k], first_row + k * rows)
+    return jax.tree.map(jnp.add, total, loss_grads), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  total, _ = lax.scan(add, zeros, jnp.arange(micro_batches))
+  return jax.tree.map(lambda x: x / micro_batches, total)
+
+
 def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block_size: int,
-                num_steps: int = 1, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
+                num_steps: int = 1, mesh: Mesh | None = None,
+                grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
   """`num_steps` updates in one compiled call (a lax.scan), each on its own batch.
 
   Draws the batch of each step from the corpus on device, so a call needs no
@@ -162,7 +166,7 @@ def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block
 
   def one_step(state, _):
     batch = draw_batch(state, train_N, batch_size, block_size, mesh)
-    return train_step(state, batch, mesh)
+    return train_step(state, batch, mesh, grad_accum_steps)
 
   state, metrics_K = lax.scan(one_step, state, length=num_steps)
   if mesh is not None:
@@ -194,6 +198,7 @@ def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: 
 
 # Compiled once per shape and config, shared by every run in the process.
 jit_train_steps = jax.jit(train_steps, donate_argnums=0,
-                          static_argnames=("batch_size", "block_size", "num_steps", "mesh"))
+                          static_argnames=("batch_size", "block_size", "num_steps", "mesh",
+                                           "grad_accum_steps"))
 jit_estimate_loss = jax.jit(estimate_loss,
                             static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))

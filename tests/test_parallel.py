@@ -99,6 +99,12 @@ def test_one_device_then_four_match_one_device(one_device, tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["devices"] == 4
 
 
+def test_four_devices_of_two_micro_batches_each_match_one_device(one_device, tmp_path):
+  """Gradient accumulation on several devices: the same dropout masks, the same losses."""
+  _train(tmp_path, 20, 4, "--config.train.grad_accum_steps=2")
+  _assert_same_losses(_losses(tmp_path), _losses(one_device))
+
+
 def test_cpu_devices_flag_matches_one_device(one_device, tmp_path):
   """--cpu_devices=2 splits the CPU without XLA_FLAGS; one step per call: same losses."""
   _train(tmp_path, 20, 1, "--cpu_devices=2", "--config.train.steps_per_dispatch=1")
