@@ -76,11 +76,30 @@ def test_shakespeare_char_is_the_lecture_gpt():
   _check(config, "train", batch_size=64, learning_rate=3e-4, steps=5000)
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
-def test_adamw_is_pytorch_default(path):
-  """torch.optim.AdamW's defaults, so results compare with the PyTorch reference."""
-  config = _load(path.stem)
-  _check(config, "train", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+LECTURE_CONFIGS = ("bigram", "frost_cpu", "frost_t4", "shakespeare_char")
+
+
+@pytest.mark.parametrize("name", LECTURE_CONFIGS)
+def test_the_lecture_configs_keep_the_lecture_recipe(name):
+  """torch.optim.AdamW's defaults at a constant rate, ReLU, biases, an untied head."""
+  config = _load(name)
+  _check(config, "train", beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+         weight_decay_on="all", schedule="constant", warmup_steps=0, grad_clip=0.0,
+         grad_accum_steps=1, optimizer="adamw", early_stop_evals=0)
+  _check(config, "model", activation="relu", bias=True, tie_embeddings=False,
+         position="learned")
+
+
+def test_shakespeare_char_nanogpt_is_nanogpts_recipe():
+  """nanoGPT's config/train_shakespeare_char.py and its train.py defaults."""
+  config = _load("shakespeare_char_nanogpt")
+  assert config.data.corpus == "shakespeare" and config.data.train_fraction == 0.9
+  _check(config, "model", block_size=256, n_embed=384, n_heads=6, n_layer=6, dropout=0.2,
+         activation="gelu", bias=False, tie_embeddings=True, position="learned")
+  _check(config, "train", batch_size=64, steps=5000, learning_rate=1e-3, schedule="cosine",
+         warmup_steps=100, min_learning_rate=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1,
+         weight_decay_on="matrices", grad_clip=1.0, grad_accum_steps=1, eval_interval=250,
+         eval_iters=200)
 
 
 def test_defaults_validate():
@@ -110,6 +129,18 @@ def _invalid(**changes):
     ({"model__dropout": -0.1}, ["model.dropout"]),
     ({"train__learning_rate": 0.0}, ["train.learning_rate"]),
     ({"data__train_fraction": 1.0}, ["data.train_fraction"]),
+    ({"train__schedule": "step"}, ["train.schedule", "'step'", "cosine", "wsd"]),
+    ({"train__optimizer": "sgd"}, ["train.optimizer", "adamw", "muon"]),
+    ({"train__weight_decay_on": "biases"}, ["train.weight_decay_on", "matrices"]),
+    ({"train__warmup_steps": 5000}, ["train.warmup_steps", "below train.steps (5000)"]),
+    ({"train__min_learning_rate": 1.0}, ["train.min_learning_rate", "train.learning_rate"]),
+    ({"train__grad_clip": -1.0}, ["train.grad_clip"]),
+    ({"train__grad_accum_steps": 3}, ["train.batch_size (16)", "grad_accum_steps (3)"]),
+    ({"train__early_stop_evals": -1}, ["train.early_stop_evals"]),
+    ({"model__activation": "tanh"}, ["model.activation", "gelu"]),
+    ({"model__position": "alibi"}, ["model.position", "rope"]),
+    ({"model__n_embed": 12, "model__n_heads": 4, "model__position": "rope"},
+     ["model.position", "head size", "odd"]),
 ], ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else None)
 def test_validate_names_the_field(changes, words):
   """The launcher prints the message as one `error:` line, so it must name the field."""
