@@ -133,6 +133,39 @@ def test_sweep_json_is_claimed_once_and_a_different_sweep_is_refused(tmp_path):
     sweep.claim(tmp_path / "run", wanted)
 
 
+def test_a_failed_run_is_one_line_the_others_go_on_and_a_rerun_retries_it(tmp_path,
+                                                                         monkeypatch):
+  def fake_train(config, workdir, on_end=None):  # what training leaves, without JAX work
+    if config.train.learning_rate == 0.1:
+      raise UserError("training diverged: loss nan at step 3")
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    (workdir / "metrics.jsonl").write_text(
+        json.dumps({"kind": "eval", "step": 5, "train_loss": 2.0, "val_loss": 2.1}) + "\n")
+    summary = {"step": 5, "train_loss": 2.0, "val_loss": 2.1, "best_val_loss": 2.1,
+               "best_step": 5, "wall_s": 0.1, "steps_per_s": None}
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+  monkeypatch.setattr(sweep.loop, "train_and_evaluate", fake_train)
+  config = config_lib.get_config()
+  config.train.steps = 5
+  sweeps = _parse("train.learning_rate=1e-3,0.1,1e-2", config=config)
+  lines, shown = [], []
+  with pytest.raises(UserError, match=r"1 of 3 runs failed \(learning_rate=0.1; their error "
+                     "lines are above"):
+    sweep.run_sweep(config, tmp_path, sweeps, log=lines.append, show=shown.append)
+  assert "run 2/3 failed: error: training diverged: loss nan at step 3" in lines
+  assert shown[0].splitlines()[-1].startswith("| 0.1 | n/a |")  # the table, failed run last
+  assert (tmp_path / "curves.png").exists()
+  lines.clear()
+  with pytest.raises(UserError, match="1 of 3 runs failed"):
+    sweep.run_sweep(config, tmp_path, sweeps, log=lines.append, show=shown.append)
+  assert [line.split(":")[0] for line in lines[:4]] == [
+      "run 1/3", "run 2/3", "run 2/3 failed", "run 3/3"]  # only the failed run is retried
+  assert "skipped" in lines[0] and "skipped" in lines[3]
+
+
 def test_a_tiny_sweep_runs_skips_and_resumes(tmp_path, tiny_config, capsys):
   tiny_config.train.update(eval_interval=10)
   sweeps = _parse("seed=1,2", "train.steps=10,20", config=tiny_config)
