@@ -1,11 +1,12 @@
 """Loss curves from run folders: train and val loss against step, runs overlaid.
 
 Reads only what training leaves in a workdir (`metrics.jsonl`, `config.json`),
-so it needs no JAX and works on runs copied from another machine. Figures are
+so it needs no JAX and works on runs copied from another machine. A sweep's
+folder (`sweep.json`, written by launch/sweep.py) stands for its runs. Figures are
 drawn on matplotlib's Agg canvas directly: headless, and no pyplot state is
 touched in the caller's process.
 
-Owns: reading runs' metrics and drawing their curves. May import: matplotlib,
+Owns: reading runs' metrics, expanding sweep folders, drawing the curves. May import: matplotlib,
 errors; no JAX.
 """
 
@@ -72,6 +73,30 @@ def load_run(workdir: str | Path) -> Run:
     raise UserError(f"{metrics} has no eval records yet; train until the first evaluation: "
                     + _TRAIN_CMD.format(workdir))
   return run
+
+
+def expand_sweeps(workdirs) -> list[Path]:
+  """Each workdir, with a sweep folder (sweep.json, no metrics.jsonl) replaced by its runs.
+
+  The runs come in the sweep's order; those not started yet are left out.
+  """
+  expanded = []
+  for workdir in map(Path, workdirs):
+    sweep_file = workdir / "sweep.json"
+    if (workdir / "metrics.jsonl").exists() or not sweep_file.is_file():
+      expanded.append(workdir)
+      continue
+    try:
+      names = json.loads(sweep_file.read_text())["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+      raise UserError(f"{sweep_file} cannot be read; pass the run folders under {workdir} "
+                      "as --workdir one by one") from None
+    runs = [workdir / name for name in names if (workdir / name / "metrics.jsonl").is_file()]
+    if not runs:
+      raise UserError(f"the sweep in {workdir} has no run with metrics yet; start it with "
+                      "launch/sweep.py first")
+    expanded += runs
+  return expanded
 
 
 def describe(config: dict) -> str:

@@ -184,8 +184,8 @@ def test_data_dir_env_is_respected(tmp_path):
   assert_one_line_error(result, "sha256", "frost.txt")
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "benchmark.py", "plot.py",
-                                    "import_torch.py"])
+@pytest.mark.parametrize("script", ["train.py", "sweep.py", "sample.py", "benchmark.py",
+                                    "plot.py", "import_torch.py"])
 def test_help_prints_usage_and_flags(script):
   result = _cli(script, "--help")
   assert f"python launch/{script}" in result.stdout

@@ -65,6 +65,24 @@ def test_runs_are_labelled_by_folder_config_and_final_val_loss(tmp_path):
                                 "bigram, poems")
 
 
+def test_a_sweep_folder_stands_for_its_started_runs_labelled_by_their_values(tmp_path):
+  names = ["learning_rate=0.003,dropout=0", "learning_rate=0.001,dropout=0",
+           "learning_rate=0.001,dropout=0.1"]
+  (tmp_path / "s").mkdir()
+  (tmp_path / "s" / "sweep.json").write_text(json.dumps({"runs": names}))
+  for name in names[:2]:  # the third has not started
+    _fake_run(tmp_path / "s" / name, "gpt")
+  single = _fake_run(tmp_path / "single", "bigram")
+  runs = plotting.expand_sweeps([tmp_path / "s", single])
+  assert runs == [tmp_path / "s" / names[0], tmp_path / "s" / names[1], single]
+  labels = plotting._labels([plotting.load_run(r) for r in runs])
+  assert [label.split(":")[0] for label in labels] == names[:2] + ["single"]
+  (tmp_path / "t").mkdir()
+  (tmp_path / "t" / "sweep.json").write_text(json.dumps({"runs": ["a=1"]}))
+  with pytest.raises(UserError, match="has no run with metrics yet"):
+    plotting.expand_sweeps([tmp_path / "t"])
+
+
 def test_save_loss_plot_writes_loss_png_in_the_workdir(tmp_path):
   workdir = _fake_run(tmp_path / "run", "gpt")
   assert plotting.save_loss_plot(workdir) == workdir / "loss.png"

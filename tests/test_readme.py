@@ -16,7 +16,7 @@ SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
                   "--config.train.sample_tokens=0"]
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
-ORDER = ("import_torch.py", "train.py", "benchmark.py", "plot.py", "sample.py")
+ORDER = ("import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py", "sample.py")
 
 
 def readme_commands() -> list[list[str]]:
@@ -68,12 +68,14 @@ def _lecture_state_dict(text: str) -> dict:
 def _shrunk(args, tmp_path, workdirs):
   """The command with tmp workdirs and files, at a size that runs in seconds."""
   script = _script(args)
-  if script in ("train.py", "import_torch.py"):
+  if script in ("train.py", "import_torch.py", "sweep.py"):
     workdir = _flag(args, "workdir")
     workdirs[workdir] = tmp_path / Path(workdir).name
     args = _replace(args, "workdir", workdirs[workdir])
   if script == "train.py":
     return args + SHRINK
+  if script == "sweep.py":  # each sweep's first value: one run
+    return [a.split(",")[0] if a.startswith("--sweep=") else a for a in args] + SHRINK
   if script == "import_torch.py":
     text = "ROMEO: But soft, what light through yonder window breaks?\n"
     (tmp_path / "input.txt").write_text(text)
