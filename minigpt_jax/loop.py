@@ -205,34 +205,35 @@ class Stopwatch:
   steps still running, so those count as training time.
   """
 
-  def __init__(self):
-    self.started = time.perf_counter()
-    self._first = None  # (step, time) at the end of the first call
+  def __init__(self, clock=time.perf_counter):
+    self._now = clock
+    self.started = clock()
+    self._first = None  # (step, time, paused seconds) at the end of the first call
     self._paused_s = 0.0
     self._mark = None  # (step, time, paused seconds) of the last `rate_since_mark`
 
   def wall_s(self) -> float:
-    return round(time.perf_counter() - self.started, 2)
+    return round(self._now() - self.started, 2)
 
   def call_done(self, step: int, metrics) -> None:
     if self._first is None:  # the first call compiled: its end starts the clock
       jax.block_until_ready(metrics)
-      now = time.perf_counter()
-      self._first, self._mark = (step, now), (step, now, self._paused_s)
+      now = self._now()
+      self._first = self._mark = (step, now, self._paused_s)
 
   @contextlib.contextmanager
   def paused(self, state):
     jax.block_until_ready(state)
-    start = time.perf_counter()
+    start = self._now()
     try:
       yield
     finally:
-      self._paused_s += time.perf_counter() - start
+      self._paused_s += self._now() - start
 
   def rate_since_mark(self, step: int) -> float | None:
     """Steps per second since the last call (or the first call's end); None with none run."""
     mark_step, mark_time, mark_paused = self._mark
-    now = time.perf_counter()
+    now = self._now()
     elapsed = now - mark_time - (self._paused_s - mark_paused)
     self._mark = (step, now, self._paused_s)
     return (step - mark_step) / elapsed if step > mark_step and elapsed > 0 else None
@@ -240,7 +241,9 @@ class Stopwatch:
   def overall_rate(self, step: int) -> float | None:
     if self._first is None or step <= self._first[0]:
       return None
-    return (step - self._first[0]) / (time.perf_counter() - self._first[1] - self._paused_s)
+    first_step, first_time, paused_before = self._first  # pauses before it are not training
+    elapsed = self._now() - first_time - (self._paused_s - paused_before)
+    return (step - first_step) / elapsed
 
 
 class EndOfRun(NamedTuple):

@@ -244,7 +244,9 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 def is_finished(summary: dict | None, config) -> bool:
-  return summary is not None and summary.get("step") == config.train.steps
+  """At its last step, or stopped early (a rerun would stop again at once)."""
+  return summary is not None and (summary.get("step") == config.train.steps
+                                  or bool(summary.get("early_stopped")))
 
 
 # -- The results table -----------------------------------------------------------------------

@@ -177,3 +177,19 @@ def test_no_recompiles_across_steps_evaluations_and_a_resume(tiny_config, tmp_pa
   assert first_run >= 2
   assert compiles[first_run:] == [], "the resumed run compiled again"
   assert len(_evals(tmp_path)) == 5  # steps 0, 10, 20, 30, 40
+
+
+def test_steps_per_second_count_neither_compilation_nor_any_pause():
+  """The step-0 evaluation (and its compile) comes before the clock starts: not subtracted."""
+  now = [0.0]
+  clock = loop.Stopwatch(clock=lambda: now[0])
+  with clock.paused(None):
+    now[0] += 5.0  # the step-0 evaluation
+  now[0] += 2.0  # the first call compiles and runs 10 steps
+  clock.call_done(10, None)
+  now[0] += 1.0  # 10 steps
+  with clock.paused(None):
+    now[0] += 3.0  # an evaluation
+  now[0] += 1.0  # 10 more
+  assert clock.overall_rate(30) == pytest.approx(10.0)
+  assert clock.wall_s() == 12.0
