@@ -17,7 +17,8 @@ vocab_size must be the vocabulary's). The vocabulary is the sorted characters
 of --text (as the lecture builds it), a vocab.json written by our training
 (--vocab), or the meta.pkl of nanoGPT's data/shakespeare_char/prepare.py
 (--meta; read without running any code it names). The checkpoint is saved at
-step 0, so launch/train.py on the same workdir and config fine-tunes it.
+step 0, so launch/train.py on the same workdir and config fine-tunes it (with
+--ckpt: and the printed config.model values as --config.model.* flags).
 Reading the .pt file needs PyTorch (a CPU build is enough).
 """
 
