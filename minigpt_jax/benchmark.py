@@ -65,7 +65,8 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
   N counts the non-embedding parameters (every parameter but the token and
   position tables, which are lookups, not matmuls; the untied lm_head is
-  counted): each weight does one multiply-add (2 FLOPs) per token forward and
+  counted, and a tied head's token table, the head's matmul, as nanoGPT
+  counts it): each weight does one multiply-add (2 FLOPs) per token forward and
   two backward, hence 6 * N. The second term is attention, which has no
   weights: per layer and token, q.k over T keys and the weighted sum of T
   values are 2 * T * C FLOPs each forward, 3x that with the backward pass. It
@@ -74,8 +75,8 @@ def flops_per_token(cfg: ModelConfig) -> int:
   A bigram model (a lookup table) has N = 0 and no attention: 0 FLOPs.
   """
   shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
-  embeddings = sum(count_params(shapes[name]) for name in ("tok_embed", "pos_embed", "table")
-                   if name in shapes)
+  lookups = ("pos_embed", "table") if cfg.tie_embeddings else ("tok_embed", "pos_embed", "table")
+  embeddings = sum(count_params(shapes[name]) for name in lookups if name in shapes)
   n_non_embedding = count_params(shapes) - embeddings
   attention = 12 * cfg.n_layer * cfg.block_size * cfg.n_embed if cfg.name == "gpt" else 0
   return 6 * n_non_embedding + attention

@@ -45,9 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
   # cpu_tricks.py: speed-ups for XLA:CPU; "auto" turns them on for the CPU
   # backend. "off" keeps the model plain Flax (forward-mode AD works).
   config.model.cpu_tricks = "auto"
-  # Recipe options; the defaults are the lecture's (nanoGPT: gelu, no bias, tied).
-  config.model.activation = "relu"  # "relu" | "gelu" (tanh approximation, as GPT-2)
-  config.model.bias = True  # biases of the Linear and LayerNorm layers
+  # Recipe options; the defaults are the lecture's. nanoGPT's train.py is gelu,
+  # bias = qkv_bias = False, tied (both learn a position table).
+  config.model.activation = "relu"  # "relu" | "gelu" (exact erf, as nanoGPT's nn.GELU)
+  config.model.bias = True  # biases of the Linear and LayerNorm layers but q/k/v's
+  config.model.qkv_bias = False  # the q/k/v projection's bias (nanoGPT: equal to bias)
   config.model.tie_embeddings = False  # the head reuses the token embedding
   config.model.position = "learned"  # "learned" table | "rope" (rotary, in attention)
 
@@ -132,7 +134,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                 ("train.optimizer", t.optimizer, OPTIMIZERS),
                                 ("train.weight_decay_on", t.weight_decay_on, DECAY_GROUPS)):
     _require(value in choices, field, f"is {value!r}", f"use one of {', '.join(choices)}")
-  for field, value in (("model.bias", m.bias), ("model.tie_embeddings", m.tie_embeddings)):
+  for field, value in (("model.bias", m.bias), ("model.qkv_bias", m.qkv_bias),
+                       ("model.tie_embeddings", m.tie_embeddings)):
     _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
   if m.position == "rope":
     _require((m.n_embed // m.n_heads) % 2 == 0, "model.position",
@@ -215,22 +218,34 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
   return shards
 
 
-# Fields of config.model that fix parameter shapes or the computation.
-_MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer")
+# Fields of config.model that fix parameter shapes or the computation. A saved
+# config from before the recipe options has the lecture's: get_config()'s.
+_MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer", "activation", "bias",
+                 "qkv_bias", "tie_embeddings", "position")
 
 
 def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
                where: str) -> None:
-  """Raises UserError naming the first model field or vocabulary that differs."""
+  """Raises UserError naming the model fields, optimizer field or vocabulary that differ.
+
+  A saved config without a field (an older version's) has the default's value.
+  """
+  defaults = get_config()
+  differ = {}
   for field in _MODEL_FIELDS:
-    saved, now = saved_config["model"][field], config.model[field]
-    if saved != now:
-      raise UserError(
-          f"checkpoint in {where} has config.model.{field}={saved!r} but this "
-          f"config has {now!r}; pass --config.model.{field}={saved!r} or use a new --workdir")
+    saved = saved_config["model"].get(field, defaults.model[field])
+    if saved != config.model[field]:
+      differ[field] = saved
+  if differ:
+    first = next(iter(differ))
+    more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+    flags = " ".join(f"--config.model.{f}={v!r}" for f, v in differ.items())
+    raise UserError(
+        f"checkpoint in {where} has config.model.{first}={differ[first]!r}{more} but this "
+        f"config has {config.model[first]!r}; pass {flags} or use a new --workdir")
   field = optimizer.layout_change(saved_config["train"], config.train)
   if field is not None:
-    saved = saved_config["train"].get(field, "its default")
+    saved = saved_config["train"].get(field, defaults.train[field])
     raise UserError(
         f"checkpoint in {where} has config.train.{field}={saved!r} but this config has "
         f"{config.train[field]!r}, which changes the optimizer state's layout; pass "

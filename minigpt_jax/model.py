@@ -1,9 +1,21 @@
 """The two language models, bigram and GPT, as pure flax.linen modules.
 
 `model.apply({"params": p}, idx_BT, deterministic=..., rngs={"dropout": k})`
-returns logits_BTV for both. Layers follow the lecture's final gpt.py so that
-its PyTorch weights map one to one: normal(0.02) weights, zero biases,
-LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_size).
+returns logits_BTV for both. By default the layers are the lecture's final
+gpt.py, so its PyTorch weights map one to one: normal(0.02) weights, zero
+biases, LayerNorm eps 1e-5, attention scaled by 1/sqrt(head_size), ReLU,
+learned positions, an untied head with a bias, a q/k/v projection without one.
+
+Options (`config.model`; nanoGPT's train.py is activation="gelu", bias =
+qkv_bias = False, tie_embeddings=True):
+- activation="gelu": the exact erf GELU, torch's nn.GELU() (nanoGPT's).
+- bias=False drops the LayerNorm and Linear biases but q/k/v's: qkv_bias is
+  that projection's own switch, so the lecture's default (biases, none on
+  q/k/v) keeps its parameter tree; nanoGPT's one `bias` flag is both.
+- tie_embeddings: logits = x @ tok_embed^T, no lm_head params and so no head
+  bias (nanoGPT's lm_head has none either).
+- position="rope": no pos_embed; q and k turn by their window position
+  (`rope`: rotate-half pairs (i, i + D/2), theta 10000).
 
 One GPT trains and decodes: given `cache` (from `init_cache`) and `pos`, the
 same modules take a few new tokens at window positions [pos, pos + T), keep
@@ -27,6 +39,7 @@ from minigpt_jax import cpu_tricks
 
 _INIT = cpu_tricks.INIT
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
+_ROPE_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +54,11 @@ class ModelConfig:
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params stay float32
   cpu_tricks: bool = False  # cpu_tricks.py: faster on CPU, see README "Speed"
-  activation: str = "relu"  # "relu" | "gelu"
-  bias: bool = True  # Linear and LayerNorm biases
-  tie_embeddings: bool = False  # the head is tok_embed's transpose
-  position: str = "learned"  # "learned" | "rope"
+  activation: str = "relu"  # "relu" | "gelu" (exact erf, as nanoGPT's nn.GELU)
+  bias: bool = True  # Linear and LayerNorm biases, but the q/k/v projection's
+  qkv_bias: bool = False  # the q/k/v projection's bias (nanoGPT: equal to bias)
+  tie_embeddings: bool = False  # the head is tok_embed's transpose, without a bias
+  position: str = "learned"  # "learned" table | "rope" (q and k rotated)
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
@@ -91,6 +105,22 @@ class Dropout(nn.Module):
     return x * mask_RN.reshape(x.shape)
 
 
+def rope(x_BTHD, positions_T):
+  """Rotary position embedding of q or k at window positions `positions_T`.
+
+  The rotate-half convention (GPT-NeoX, Hugging Face LLaMA): feature i pairs
+  with i + D/2 and turns by positions * theta^(-2i/D). Computed in float32,
+  returned in x's dtype. q.k then depends on the positions' difference only.
+  """
+  D = x_BTHD.shape[-1]
+  inv_freq_F = _ROPE_THETA ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # F = D / 2
+  angle_TF = jnp.asarray(positions_T, jnp.float32)[:, None] * inv_freq_F[None, :]
+  cos_T1F, sin_T1F = jnp.cos(angle_TF)[:, None, :], jnp.sin(angle_TF)[:, None, :]
+  x1_BTHF, x2_BTHF = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1_BTHF * cos_T1F - x2_BTHF * sin_T1F,
+                          x2_BTHF * cos_T1F + x1_BTHF * sin_T1F], axis=-1).astype(x_BTHD.dtype)
+
+
 def cudnn_causal_attention(q_BTHD, k_BTHD, v_BTHD):
   """cuDNN's fused (flash) attention through `jax.nn.dot_product_attention`, or None.
 
@@ -118,7 +148,9 @@ class CausalSelfAttention(nn.Module):
   N = batch * heads, S = block_size): the T new tokens at window positions
   [pos, pos + T) are written into the cache first, then query t attends to
   slots <= pos + t, so stale slots past the window's end are never seen.
-  Returns (y_BTC, the updated kv or None).
+  With rope, q and k are rotated by their window positions pos + t before k
+  enters the cache: a cached key keeps its slot's rotation, and a refill
+  re-caches from slot 0. Returns (y_BTC, the updated kv or None).
   """
   cfg: ModelConfig
 
@@ -128,9 +160,12 @@ class CausalSelfAttention(nn.Module):
     B, T, C = x_BTC.shape
     H, D = cfg.n_heads, C // cfg.n_heads
     # Columns are [q | k | v], each head-major: head j of q is q[:, j*D:(j+1)*D].
-    qkv_BT3C = _dense(3 * C, "qkv", cfg, use_bias=False)(x_BTC)
+    qkv_BT3C = _dense(3 * C, "qkv", cfg, use_bias=cfg.qkv_bias)(x_BTC)
     q_BTHD, k_BTHD, v_BTHD = (a.reshape(B, T, H, D)
                               for a in jnp.split(qkv_BT3C, 3, axis=-1))
+    if cfg.position == "rope":
+      positions_T = pos + jnp.arange(T)
+      q_BTHD, k_BTHD = rope(q_BTHD, positions_T), rope(k_BTHD, positions_T)
     if kv is None:
       # cuDNN has no dropout on the attention weights: training with dropout
       # takes the explicit softmax.
@@ -171,13 +206,15 @@ def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, dtype):
 
 
 class MLP(nn.Module):
-  """The lecture's FeedForward: 4x expansion, ReLU, projection, dropout."""
+  """The lecture's FeedForward: 4x expansion, ReLU (or exact GELU), projection, dropout."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTC, deterministic: bool, first_row=0):
     C = x_BTC.shape[-1]
-    h_BTF = nn.relu(_dense(4 * C, "fc", self.cfg)(x_BTC))
+    h_BTF = _dense(4 * C, "fc", self.cfg)(x_BTC)
+    # Exact erf GELU, torch's nn.GELU() default, so nanoGPT's weights give its logits.
+    h_BTF = nn.gelu(h_BTF, approximate=False) if self.cfg.activation == "gelu" else nn.relu(h_BTF)
     y_BTC = _dense(C, "proj", self.cfg)(h_BTF)
     return Dropout(self.cfg.dropout)(y_BTC, deterministic, first_row)
 
@@ -188,7 +225,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTC, deterministic: bool, first_row=0, kv=None, pos=0):
-    ln = lambda name: nn.LayerNorm(epsilon=_LN_EPS, dtype=self.cfg.dtype, name=name)
+    ln = lambda name: _layer_norm(name, self.cfg)
     attn = CausalSelfAttention(self.cfg, name="attn")
     y_BTC, kv = attn(ln("ln1")(x_BTC), deterministic, first_row, kv, pos)
     x_BTC = x_BTC + y_BTC
@@ -196,7 +233,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-  """Decoder-only transformer: token + position embeddings, blocks, LayerNorm, head.
+  """Decoder-only transformer: token (+ position) embeddings, blocks, LayerNorm, head.
 
   `first_row` is the index of idx_BT's first row in the whole batch, for
   dropout masks that do not depend on how the batch is split over devices.
@@ -214,18 +251,23 @@ class GPT(nn.Module):
     if T > cfg.block_size:  # Embed would fill the missing positions with NaN
       raise ValueError(f"GPT got a window of {T} tokens but its block_size is "
                        f"{cfg.block_size}; crop the input to the last {cfg.block_size}")
-    tok_BTC = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT,
-                       name="tok_embed")(idx_BT)
-    pos_TC = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
-                      name="pos_embed")(pos + jnp.arange(T))
-    x_BTC = (tok_BTC + pos_TC).astype(cfg.dtype)
+    tok_embed = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT, name="tok_embed")
+    x_BTC = tok_embed(idx_BT)
+    if cfg.position == "learned":  # rope turns q and k in attention instead
+      x_BTC = x_BTC + nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
+                               name="pos_embed")(pos + jnp.arange(T))
+    x_BTC = x_BTC.astype(cfg.dtype)
     new_cache = []
     for i in range(cfg.n_layer):
       kv = None if cache is None else cache[i]
       x_BTC, kv = Block(cfg, name=f"block_{i}")(x_BTC, deterministic, first_row, kv, pos)
       new_cache.append(kv)
-    x_BTC = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.dtype, name="ln_f")(x_BTC)
-    logits_BTV = _dense(cfg.vocab_size, "lm_head", cfg)(x_BTC).astype(jnp.float32)
+    x_BTC = _layer_norm("ln_f", cfg)(x_BTC)
+    if cfg.tie_embeddings:  # nanoGPT's tied head: no params of its own, no bias
+      table_VC = tok_embed.embedding.astype(cfg.dtype)
+      logits_BTV = jnp.einsum("btc,vc->btv", x_BTC, table_VC).astype(jnp.float32)
+    else:
+      logits_BTV = _dense(cfg.vocab_size, "lm_head", cfg)(x_BTC).astype(jnp.float32)
     return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 
 
@@ -253,8 +295,14 @@ def init_cache(cfg: ModelConfig, batch_size: int):
                for _ in range(cfg.n_layer))
 
 
-def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool = True) -> nn.Module:
+def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool | None = None) -> nn.Module:
+  """A Linear layer; with a bias iff `use_bias` (None: cfg.bias)."""
+  use_bias = cfg.bias if use_bias is None else use_bias
   return cpu_tricks.dense(features, name, cfg.dtype, use_bias, cfg.cpu_tricks)
+
+
+def _layer_norm(name: str, cfg: ModelConfig) -> nn.Module:
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.dtype, use_bias=cfg.bias, name=name)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

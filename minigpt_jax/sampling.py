@@ -9,12 +9,13 @@ one compilation serves every prompt of a padded length:
 - "kv" (the default) prefills the window once, then feeds one token per step
   through GPT's key/value cache (`model.GPT` called with `cache` and `pos`).
 
-Windows past block_size. Position embeddings are added at the input, so when
-the lecture's crop slides the window by one, every cached key is stale: the
-crop cannot be cached exactly. "kv" therefore uses the "chunked" window: it
-starts as the prompt's last block_size tokens and grows by one token a step;
-when a new token would not fit, it restarts as the last `refill_length`
-(block_size // 2) tokens, prefilled again. "naive" with window="chunked" runs
+Windows past block_size. Positions are window slots (a learned table added at
+the input, or rope's turn of q and k), so when the lecture's crop slides the
+window by one, every cached key is stale: the crop cannot be cached exactly.
+"kv" therefore uses the "chunked" window: it starts as the prompt's last
+block_size tokens and grows by one token a step; when a new token would not
+fit, it restarts as the last `refill_length` (block_size // 2) tokens,
+prefilled again from slot 0. "naive" with window="chunked" runs
 the same schedule without a cache. While prompt + new tokens <= block_size the
 window is the whole sequence under every policy.
 

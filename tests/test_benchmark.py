@@ -1,5 +1,6 @@
 """launch/benchmark.py and minigpt_jax/benchmark.py: the JSON line, FLOPs, errors, torch."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_flops_per_token_matches_a_hand_count():
   # 6N = 1_221_126; attention 12 * L * T * C = 98_304.
   cfg = ModelConfig(name="gpt", vocab_size=65, block_size=32, n_embed=64, n_heads=4, n_layer=4)
   assert benchmark.flops_per_token(cfg) == 1_221_126 + 98_304
+  # Tied: the token table is the head's kernel (counted), and the head has no bias.
+  tied = dataclasses.replace(cfg, tie_embeddings=True)
+  assert benchmark.flops_per_token(tied) == 1_221_126 - 6 * 65 + 98_304
   assert benchmark.flops_per_token(ModelConfig(name="bigram", vocab_size=65, block_size=8)) == 0
 
 

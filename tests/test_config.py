@@ -176,3 +176,21 @@ def test_validate_for_data_checks_train_split_too():
   config = _invalid(model__block_size=50)
   with pytest.raises(UserError, match=r"model\.block_size.*train split"):
     config_lib.validate_for_data(config, train_len=50, val_len=1000)
+
+
+def test_check_fits_reads_a_saved_config_without_the_options_as_the_lecture_s():
+  """Checkpoints from before the recipe options fit the defaults, and name the field otherwise."""
+  saved = config_lib.get_config().to_dict()
+  for field in ("activation", "bias", "qkv_bias", "tie_embeddings", "position"):
+    del saved["model"][field]
+  vocab = {"chars": "ab"}
+  config_lib.check_fits(saved, vocab, config_lib.get_config(), vocab, "runs/old")
+  config = _invalid(model__tie_embeddings=True)
+  with pytest.raises(UserError, match="config.model.tie_embeddings=False"):
+    config_lib.check_fits(saved, vocab, config, vocab, "runs/old")
+  config = _invalid(model__activation="gelu", model__bias=False, model__n_layer=2)
+  with pytest.raises(UserError, match=r"config.model.n_layer=4 \(and 2 more\) but this config "
+                                      r"has 2; pass --config.model.n_layer=4 "
+                                      r"--config.model.activation='relu' --config.model.bias=True "
+                                      r"or use a new --workdir"):
+    config_lib.check_fits(saved, vocab, config, vocab, "runs/old")

@@ -1,8 +1,12 @@
 """PyTorch weights imported: same logits, same greedy text, one-line errors."""
 
+import collections
 import dataclasses
 import importlib.util
 import json
+import math
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +114,76 @@ class BigramLanguageModel(nn.Module):
     return self.token_embedding_table(idx)
 
 
+# -- nanoGPT's model.py at the tiny size: its names, exact GELU, optional biases, tied head.
+
+class NanoLayerNorm(nn.Module):
+
+  def __init__(self, bias):
+    super().__init__()
+    self.weight = nn.Parameter(torch.ones(C))
+    self.bias = nn.Parameter(torch.zeros(C)) if bias else None
+
+  def forward(self, x):
+    return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoAttention(nn.Module):
+
+  def __init__(self, bias):
+    super().__init__()
+    self.c_attn = nn.Linear(C, 3 * C, bias=bias)
+    self.c_proj = nn.Linear(C, C, bias=bias)
+    # nanoGPT without flash attention saves its causal mask as `attn.bias`.
+    self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+
+  def forward(self, x):
+    b, t, _ = x.shape
+    q, k, v = (a.view(b, t, H, C // H).transpose(1, 2) for a in self.c_attn(x).split(C, dim=2))
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    att = F.softmax(att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf")), dim=-1)
+    return self.c_proj((att @ v).transpose(1, 2).contiguous().view(b, t, C))
+
+
+class NanoMLP(nn.Module):
+
+  def __init__(self, bias):
+    super().__init__()
+    self.c_fc, self.gelu = nn.Linear(C, 4 * C, bias=bias), nn.GELU()
+    self.c_proj = nn.Linear(4 * C, C, bias=bias)
+
+  def forward(self, x):
+    return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class NanoBlock(nn.Module):
+
+  def __init__(self, bias):
+    super().__init__()
+    self.ln_1, self.attn = NanoLayerNorm(bias), NanoAttention(bias)
+    self.ln_2, self.mlp = NanoLayerNorm(bias), NanoMLP(bias)
+
+  def forward(self, x):
+    x = x + self.attn(self.ln_1(x))
+    return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+
+  def __init__(self, bias):
+    super().__init__()
+    self.transformer = nn.ModuleDict(dict(
+        wte=nn.Embedding(V, C), wpe=nn.Embedding(T, C),
+        h=nn.ModuleList([NanoBlock(bias) for _ in range(L)]), ln_f=NanoLayerNorm(bias)))
+    self.lm_head = nn.Linear(C, V, bias=False)
+    self.transformer.wte.weight = self.lm_head.weight  # tied, as nanoGPT's
+
+  def forward(self, idx):
+    x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1]))
+    for block in self.transformer.h:
+      x = block(x)
+    return self.lm_head(self.transformer.ln_f(x))
+
+
 def _torch_ref_gpt():
   """../shared/bench/torch_ref.py's GPT; its module only defines things on import."""
   if not TORCH_REF.is_file():
@@ -121,18 +195,21 @@ def _torch_ref_gpt():
   return lambda idx: model(idx)[0], model
 
 
-def _torch_model(kind):
+def _torch_model(kind, bias=True):
   """(logits function, module) with random weights far from any init, in eval mode."""
   torch.manual_seed(0)
   if kind == "fused":
     forward, model = _torch_ref_gpt()
+  elif kind == "nanogpt":
+    model = forward = NanoGPT(bias)
   else:
     model = GPTLanguageModel() if kind == "lecture" else BigramLanguageModel()
     forward = model
   with torch.no_grad():
     for module in model.modules():
       for name, p in module.named_parameters(recurse=False):
-        one = 1.0 if isinstance(module, nn.LayerNorm) and name == "weight" else 0.0
+        layer_norm = isinstance(module, (nn.LayerNorm, NanoLayerNorm))
+        one = 1.0 if layer_norm and name == "weight" else 0.0
         p.copy_(one + 0.2 * torch.randn_like(p))
   model.eval()
   return forward, model
@@ -263,6 +340,9 @@ def test_import_cli_errors_are_one_line(tmp_path):
       ([f"--state_dict={pt}", f"--text={tmp_path / 'missing.txt'}"],
        ["missing.txt does not exist"]),
       ([f"--state_dict={text}", f"--text={text}"], ["cannot read", "state_dict()"]),
+      ([f"--state_dict={pt}", f"--ckpt={pt}", f"--text={text}"],
+       ["exactly one of --state_dict"]),
+      ([f"--ckpt={pt}", f"--text={text}"], ["no 'model' and 'model_args'", "--state_dict"]),
   ]
   for extra, needles in cases:
     assert_one_line_error(_cli("import_torch.py", *args, *extra, check=False), *needles)
@@ -270,3 +350,159 @@ def test_import_cli_errors_are_one_line(tmp_path):
   _cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}")
   assert_one_line_error(_cli("import_torch.py", *args, f"--state_dict={pt}", f"--text={text}",
                        check=False), "already holds checkpoints")
+
+
+# -- nanoGPT: ckpt.pt (model, model_args, optimizer, ...) and data/shakespeare_char's meta.pkl.
+
+def _nanogpt_files(tmp_path, bias, compiled=False):
+  """(forward, ckpt.pt, meta.pkl) as nanoGPT's train.py and prepare.py write them."""
+  forward, model = _torch_model("nanogpt", bias)
+  state_dict = model.state_dict()
+  assert "lm_head.weight" in state_dict and "transformer.h.0.attn.bias" in state_dict
+  if compiled:  # torch.compile's names, as train.py saves them
+    state_dict = {"_orig_mod." + k: v for k, v in state_dict.items()}
+  optimizer = torch.optim.AdamW(model.parameters())
+  model(torch.zeros((1, 4), dtype=torch.long)).sum().backward()
+  optimizer.step()  # a real optimizer state: tensors and plain values
+  ckpt, meta = tmp_path / "ckpt.pt", tmp_path / "meta.pkl"
+  torch.save({"model": state_dict, "optimizer": optimizer.state_dict(),
+              "model_args": dict(n_layer=L, n_head=H, n_embd=C, block_size=T, bias=bias,
+                                 vocab_size=V, dropout=0.0),
+              "iter_num": 250, "best_val_loss": torch.tensor(1.47),
+              "config": {"dataset": "shakespeare_char", "compile": compiled}}, ckpt)
+  chars = sorted(set(TEXT))
+  with meta.open("wb") as f:
+    pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                 "stoi": {c: i for i, c in enumerate(chars)}}, f)
+  return forward, ckpt, meta
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_ckpt_gives_torchs_logits_and_greedy_text(bias, tmp_path):
+  """The launcher's steps in-process: torch.load(weights_only), meta.pkl, model_args, convert."""
+  forward, ckpt, meta = _nanogpt_files(tmp_path, bias, compiled=bias)
+  obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+  tokenizer = torch_import.read_meta(meta)
+  assert tokenizer.chars == TOKENIZER.chars
+  config = frost_cpu.get_config()
+  config.model.update(torch_import.nanogpt_model(obj["model_args"], V, str(ckpt)))
+  cfg = ModelConfig.from_config(config.model, V)
+  assert (cfg.activation, cfg.bias, cfg.qkv_bias, cfg.tie_embeddings, cfg.n_layer) == (
+      "gelu", bias, bias, True, L)
+  params = torch_import.convert({k: v.numpy() for k, v in obj["model"].items()}, cfg)
+  shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)  # noqa: E731
+  fresh = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.PRNGKey(0)))
+  assert shapes(params) == shapes(fresh) and "lm_head" not in params
+  assert _logits_diff("nanogpt", forward, params, cfg) < 1e-4
+  num_tokens = 20  # past block_size 16: our naive decode crops as torch's loop does
+  prompt_BP = TOKENIZER.encode(PROMPT)[None, :]
+  ours = sampling.make_generate(cfg, "naive")(params, prompt_BP, jax.random.key(0), num_tokens,
+                                               top_k=1)
+  assert PROMPT + TOKENIZER.decode(np.asarray(ours)[0]) == _torch_greedy(
+      forward, T, PROMPT, num_tokens)
+
+
+def test_nanogpt_ckpt_cli_imports_a_workdir_that_samples_torchs_text(tmp_path):
+  """The one CLI run: --ckpt and --meta with a config that has none of nanoGPT's sizes."""
+  forward, ckpt, meta = _nanogpt_files(tmp_path, bias=False)
+  workdir = tmp_path / "imported"
+  result = _cli("import_torch.py", f"--ckpt={ckpt}", f"--meta={meta}",
+                "--config=configs/frost_cpu.py", f"--workdir={workdir}")
+  assert "n_layer=2, n_heads=2, n_embed=32, block_size=16, bias=False" in result.stderr
+  assert "nanogpt layout" in result.stderr
+  cfg, params, tokenizer, step = sampling.load_for_sampling(workdir)
+  assert step == 0 and tokenizer.chars == TOKENIZER.chars
+  assert (cfg.activation, cfg.bias, cfg.tie_embeddings, cfg.block_size) == ("gelu", False,
+                                                                             True, T)
+  assert _logits_diff("nanogpt", forward, params, cfg) < 1e-4
+  num_tokens = T - len(PROMPT)  # the KV decode's window is the crop's up to block_size
+  ours = sampling.make_generate(cfg)(params, TOKENIZER.encode(PROMPT)[None, :],
+                                     jax.random.key(0), num_tokens, top_k=1)
+  assert PROMPT + TOKENIZER.decode(np.asarray(ours)[0]) == _torch_greedy(
+      forward, T, PROMPT, num_tokens)
+
+
+def _nanogpt_cfg(**change):
+  return dataclasses.replace(_model_cfg("lecture"), **{
+      "activation": "gelu", "bias": False, "tie_embeddings": True, **change})
+
+
+def test_nanogpt_layout_checks_the_options_and_the_tied_head():
+  _, model = _torch_model("nanogpt", bias=False)
+  state_dict = _numpy(model)
+  for cfg, needles in [
+      (_nanogpt_cfg(activation="relu"), ["nanogpt layout (without biases) has "
+                                         "config.model.activation='gelu'",
+                                         "pass --config.model.activation=gelu"]),
+      (_nanogpt_cfg(bias=True, qkv_bias=True), ["config.model.bias=False and "
+                                                "config.model.qkv_bias=False",
+                                                "--config.model.bias=False "
+                                                "--config.model.qkv_bias=False"]),
+      (_nanogpt_cfg(position="rope"), ["--config.model.position=learned"])]:
+    with pytest.raises(UserError) as e:
+      torch_import.convert(state_dict, cfg)
+    assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+  untied = {**state_dict, "lm_head.weight": state_dict["lm_head.weight"] + 1}
+  with pytest.raises(UserError, match="not tied; pass --config.model.tie_embeddings=False"):
+    torch_import.convert(untied, _nanogpt_cfg())
+  # An untied config copies the head: its own lm_head, with a zero bias where bias is on.
+  params = torch_import.convert(untied, _nanogpt_cfg(tie_embeddings=False))
+  np.testing.assert_array_equal(params["lm_head"]["kernel"], untied["lm_head.weight"].T)
+  assert "bias" not in params["lm_head"]
+  without_head = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+  assert "lm_head" not in torch_import.convert(without_head, _nanogpt_cfg())
+
+
+def test_lecture_layouts_name_the_options_they_lack():
+  _, model = _torch_model("lecture")
+  cfg = dataclasses.replace(_model_cfg("lecture"), activation="gelu", tie_embeddings=True)
+  with pytest.raises(UserError) as e:
+    torch_import.convert(_numpy(model), cfg)
+  assert str(e.value) == (
+      "the lecture layout has config.model.activation='relu' and "
+      "config.model.tie_embeddings=False; pass --config.model.activation=relu "
+      "--config.model.tie_embeddings=False")
+
+
+def test_nanogpt_model_args_must_fit_a_char_vocabulary():
+  args = dict(n_layer=L, n_head=H, n_embd=C, block_size=T, bias=False, vocab_size=50304,
+              dropout=0.1)
+  with pytest.raises(UserError, match="vocab_size=50304 but the vocabulary has 26 characters"):
+    torch_import.nanogpt_model(args, 26, "ckpt.pt")
+  with pytest.raises(UserError, match="model_args has n_head=None"):
+    torch_import.nanogpt_model({**args, "n_head": None}, 50304, "ckpt.pt")
+  assert torch_import.nanogpt_model(args, 50304, "ckpt.pt")["dropout"] == 0.1
+
+
+class _RunsACommand:
+  """What a malicious pickle holds: unpickling it would call os.system."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_meta_pkl_runs_no_code_and_must_be_a_char_vocabulary(tmp_path):
+  marker, path = tmp_path / "ran", tmp_path / "meta.pkl"
+  itos = dict(enumerate("abc"))
+  good = {"vocab_size": 3, "itos": itos, "stoi": {c: i for i, c in itos.items()}}
+  for obj, needle in [
+      ({**good, "x": _RunsACommand(marker)}, "names the Python global posix.system"),
+      (collections.OrderedDict(good), "names the Python global collections.OrderedDict"),
+      ({**good, "itos": {0: "a", 1: "bc", 2: "d"}}, "not a character meta.pkl"),
+      ({**good, "stoi": {"a": 1, "b": 0, "c": 2}}, "not a character meta.pkl"),
+      ({**good, "vocab_size": 4}, "not a character meta.pkl"),
+      ([1, 2], "not a character meta.pkl")]:
+    path.write_bytes(pickle.dumps(obj))
+    with pytest.raises(UserError) as e:
+      torch_import.read_meta(path)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+  assert not marker.exists()  # nothing was executed
+  path.write_bytes(pickle.dumps(good)[:-5])
+  with pytest.raises(UserError, match="is not a pickle"):
+    torch_import.read_meta(path)
+  # ids are itos's, whatever their order
+  path.write_bytes(pickle.dumps({"itos": {0: "b", 1: "a"}, "stoi": {"b": 0, "a": 1}}))
+  assert torch_import.read_meta(path).encode("ab").tolist() == [1, 0]

@@ -10,8 +10,9 @@ import pytest
 
 from minigpt_jax import cpu_tricks
 from minigpt_jax.cpu_tricks import Dense, slice_kernels
-from minigpt_jax.model import (Dropout, ModelConfig, build_model, count_params, cross_entropy,
-                               cudnn_causal_attention, init_cache, init_params)
+from minigpt_jax.model import (MLP, Dropout, ModelConfig, build_model, count_params,
+                               cross_entropy, cudnn_causal_attention, init_cache, init_params,
+                               rope)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -327,3 +328,143 @@ def test_decoder_ignores_stale_cache_slots():
   stale = tuple((jax.random.normal(next(keys), k.shape), jax.random.normal(next(keys), v.shape))
                 for k, v in init_cache(cfg, 2))
   np.testing.assert_array_equal(_decode_logits(cfg, params, idx_BT, 2, stale), clean_BTV)
+
+
+# -- Recipe options: activation, bias, tied head, rotary positions.
+
+_OPTIONS = [dict(activation=a, bias=b, qkv_bias=b, tie_embeddings=t, position=p)
+            for a in ("relu", "gelu") for b in (True, False) for t in (False, True)
+            for p in ("learned", "rope")]
+
+
+def _param_names(cfg):
+  shapes = jax.eval_shape(lambda k: init_params(build_model(cfg), k), jax.random.key(0))
+  return {"/".join(k.key for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def _random_params_of(shapes, rng):
+  """normal(0.5) everywhere: far from init, so each context gives its own tokens."""
+  return jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes)
+
+
+def _random_params(cfg, rng):
+  """A GPT's params without compiling its init."""
+  return _random_params_of(
+      jax.eval_shape(lambda k: init_params(build_model(cfg), k), jax.random.key(0)), rng)
+
+
+def test_default_param_tree_is_the_lecture_s():
+  """The options' defaults keep every checkpoint's names: nothing added, nothing gone."""
+  block = [f"block_0/{name}" for name in (
+      "ln1/scale", "ln1/bias", "attn/qkv/kernel", "attn/proj/kernel", "attn/proj/bias",
+      "ln2/scale", "ln2/bias", "mlp/fc/kernel", "mlp/fc/bias", "mlp/proj/kernel", "mlp/proj/bias")]
+  assert _param_names(_tiny("gpt", n_layer=1)) == {
+      "tok_embed/embedding", "pos_embed/embedding", *block, "ln_f/scale", "ln_f/bias",
+      "lm_head/kernel", "lm_head/bias"}
+
+
+def test_options_drop_their_params():
+  """bias=False leaves no bias; qkv_bias adds one; tied: no lm_head; rope: no pos_embed."""
+  default = _param_names(_tiny("gpt"))
+  no_bias = _param_names(_tiny("gpt", bias=False))
+  assert no_bias == {n for n in default if not n.endswith("/bias")}
+  assert _param_names(_tiny("gpt", qkv_bias=True)) == default | {
+      f"block_{i}/attn/qkv/bias" for i in range(2)}
+  assert _param_names(_tiny("gpt", tie_embeddings=True)) == {
+      n for n in default if not n.startswith("lm_head/")}
+  assert _param_names(_tiny("gpt", position="rope")) == default - {"pos_embed/embedding"}
+  nanogpt = dict(activation="gelu", bias=False, tie_embeddings=True, position="rope")
+  assert not any(n.endswith("/bias") or n.startswith(("lm_head", "pos_embed"))
+                 for n in _param_names(_tiny("gpt", **nanogpt)))
+
+
+def test_every_option_decodes_with_the_cache_as_without():
+  """All 16 combinations: KV decoding past block_size samples the naive tokens.
+
+  sampling.py's "chunked" schedule by hand: prefill the window at pos 0, feed one
+  token a step, and when the window is full re-prefill its last keep - 1 tokens
+  at pos 0 (padded: slots past them are overwritten before they are read); the
+  naive decode runs the whole window without a cache each step. Both draw step
+  i's token with the same Gumbel noise (greedy decoding mostly repeats one token
+  with random weights, which would prove little). The gelu half
+  runs with the CPU tricks and kernels cut by slice_kernels. The 16 models share
+  one compiled program per call shape, three in all (one each: 3x longer).
+  """
+  W, keep, B, P, N = 8, 4, 2, 3, 20  # N > W: the window restarts
+  cfgs = [_tiny("gpt", vocab_size=10, block_size=W, n_embed=16, n_layer=1,
+                cpu_tricks=o["activation"] == "gelu", **o) for o in _OPTIONS]
+  models = [build_model(cfg) for cfg in cfgs]
+  rng = np.random.default_rng(0)
+  params = [_random_params(cfg, rng) for cfg in cfgs]
+  sliced = [slice_kernels(p, cfg.cpu_tricks, pieces=3) for p, cfg in zip(params, cfgs)]
+  whole = jax.jit(lambda ps, idxs: [m.apply({"params": p}, idx_BT)
+                                    for m, p, idx_BT in zip(models, ps, idxs)])
+  cached = jax.jit(lambda ps, idxs, pos, caches: [
+      m.apply({"params": p}, idx_BT, cache=c, pos=pos)
+      for m, p, idx_BT, c in zip(models, ps, idxs, caches)])
+  padded = lambda tokens_BT: np.pad(tokens_BT, ((0, 0), (0, W - tokens_BT.shape[1])))
+  gumbel_NBV = rng.gumbel(size=(N, B, 10))
+  draw = lambda i, logits_BV: np.argmax(logits_BV + gumbel_NBV[i], axis=-1)[:, None].astype(
+      np.int32)
+  prompt_BP = rng.integers(0, 10, (B, P)).astype(np.int32)
+
+  naive, start = [prompt_BP] * len(cfgs), 0  # the whole token sequence of each model
+  for i in range(N):
+    n = naive[0].shape[1]
+    start = n - keep if n - start > W else start
+    logits = whole(params, [padded(s_BS[:, start:]) for s_BS in naive])
+    naive = [np.concatenate([s_BS, draw(i, l_BWV[:, n - start - 1])], axis=1)
+             for s_BS, l_BWV in zip(naive, logits)]
+
+  kv = [prompt_BP] * len(cfgs)
+  out = cached(sliced, [padded(prompt_BP)] * len(cfgs), 0, [init_cache(c, B) for c in cfgs])
+  last, length = [l_BWV[:, P - 1] for l_BWV, _ in out], P
+  caches = [c for _, c in out]
+  for i in range(N):
+    kv = [np.concatenate([s_BS, draw(i, l_BV)], axis=1) for s_BS, l_BV in zip(kv, last)]
+    if length == W:  # the window restarts as its last keep - 1 tokens, then the new one
+      caches = [c for _, c in cached(sliced, [padded(s_BS[:, -keep:-1]) for s_BS in kv], 0,
+                                     caches)]
+      length = keep - 1
+    out = cached(sliced, [s_BS[:, -1:] for s_BS in kv], length, caches)
+    last, caches, length = [l_B1V[:, 0] for l_B1V, _ in out], [c for _, c in out], length + 1
+  for cfg, a_BS, b_BS in zip(cfgs, kv, naive):
+    np.testing.assert_array_equal(a_BS, b_BS, err_msg=str(cfg))
+  assert len({s_BS.tobytes() for s_BS in kv}) == len(cfgs)  # each option changes the text
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  """activation="gelu" is torch's nn.GELU() (erf), not the tanh approximation."""
+  cfg = _tiny("gpt", activation="gelu")
+  rng = np.random.default_rng(0)
+  x_BTC = rng.normal(size=(2, 3, cfg.n_embed)).astype(np.float32)
+  mlp = MLP(cfg)
+  params = _random_params_of(jax.eval_shape(lambda: mlp.init(jax.random.key(0), x_BTC, True)),
+                             rng)["params"]
+  got_BTC = jax.jit(lambda p, x: mlp.apply({"params": p}, x, True))(params, x_BTC)
+  h_BTF = x_BTC @ params["fc"]["kernel"] + params["fc"]["bias"]
+  erf_gelu_BTF = 0.5 * h_BTF * (1 + np.vectorize(math.erf)(h_BTF / math.sqrt(2)))
+  np.testing.assert_allclose(got_BTC, erf_gelu_BTF @ params["proj"]["kernel"]
+                             + params["proj"]["bias"], atol=1e-5, rtol=1e-5)
+  tanh_gelu_BTF = 0.5 * h_BTF * (1 + np.tanh(math.sqrt(2 / math.pi)
+                                             * (h_BTF + 0.044715 * h_BTF**3)))
+  assert np.abs(tanh_gelu_BTF - erf_gelu_BTF).max() > 1e-4  # the check tells the two apart
+
+
+def test_rope_turns_pairs_i_and_i_plus_half_by_position():
+  """Rotate-half: position 0 is the identity, feature pairs (i, i + D/2) turn by
+  pos * 10000^(-2i/D), and q.k depends on the positions' difference only."""
+  q_BTHD, k_BTHD = np.random.default_rng(0).normal(size=(2, 1, 5, 2, 8)).astype(np.float32)
+  turn = jax.jit(rope)
+  np.testing.assert_array_equal(turn(q_BTHD, np.zeros(5, np.int32)), q_BTHD)
+  angle = 3 * 10000.0 ** (-2 / 8)  # position 3, pair i = 1: features 1 and 5
+  turned_D = np.asarray(turn(q_BTHD, np.full(5, 3, np.int32)))[0, 0, 0]
+  x1, x2 = q_BTHD[0, 0, 0, 1], q_BTHD[0, 0, 0, 5]
+  np.testing.assert_allclose(turned_D[[1, 5]], [x1 * math.cos(angle) - x2 * math.sin(angle),
+                                                x2 * math.cos(angle) + x1 * math.sin(angle)],
+                             rtol=1e-5)
+  scores = lambda shift: np.einsum("bqhd,bkhd->bhqk",
+                                   turn(q_BTHD, np.arange(5, dtype=np.int32) + shift),
+                                   turn(k_BTHD, np.arange(5, dtype=np.int32) + shift))
+  np.testing.assert_allclose(scores(0), scores(11), atol=1e-4)

@@ -1,5 +1,6 @@
 """Every `python launch/...` command in the README runs (shrunk to a few steps)."""
 
+import pickle
 import re
 import shlex
 import subprocess
@@ -65,6 +66,24 @@ def _lecture_state_dict(text: str) -> dict:
   return sd
 
 
+def _nanogpt_ckpt(text: str) -> dict:
+  """nanoGPT's ckpt.pt at the MODEL sizes: random weights, bias=False, lm_head tied to wte."""
+  torch = pytest.importorskip("torch")
+  V, T, C, L = len(set(text)), 16, 32, 1
+  r = lambda *shape: torch.randn(*shape) * 0.02
+  wte = r(V, C)
+  sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": r(T, C),
+        "transformer.ln_f.weight": torch.ones(C), "lm_head.weight": wte}
+  for i in range(L):
+    b = f"transformer.h.{i}."
+    sd.update({f"{b}ln_1.weight": torch.ones(C), f"{b}ln_2.weight": torch.ones(C),
+               f"{b}attn.c_attn.weight": r(3 * C, C), f"{b}attn.c_proj.weight": r(C, C),
+               f"{b}mlp.c_fc.weight": r(4 * C, C), f"{b}mlp.c_proj.weight": r(C, 4 * C)})
+  return {"model": sd, "optimizer": {}, "iter_num": 0,
+          "model_args": dict(n_layer=L, n_head=2, n_embd=C, block_size=T, bias=False,
+                             vocab_size=V, dropout=0.0)}
+
+
 def _shrunk(args, tmp_path, workdirs):
   """The command with tmp workdirs and files, at a size that runs in seconds."""
   script = _script(args)
@@ -78,8 +97,15 @@ def _shrunk(args, tmp_path, workdirs):
     return [a.split(",")[0] if a.startswith("--sweep=") else a for a in args] + SHRINK
   if script == "import_torch.py":
     text = "ROMEO: But soft, what light through yonder window breaks?\n"
-    (tmp_path / "input.txt").write_text(text)
     import torch
+    if _flag(args, "ckpt"):  # nanoGPT: model_args give the sizes
+      torch.save(_nanogpt_ckpt(text), tmp_path / "ckpt.pt")
+      chars = sorted(set(text))
+      (tmp_path / "meta.pkl").write_bytes(pickle.dumps({
+          "vocab_size": len(chars), "itos": dict(enumerate(chars)),
+          "stoi": {c: i for i, c in enumerate(chars)}}))
+      return _replace(_replace(args, "ckpt", tmp_path / "ckpt.pt"), "meta", tmp_path / "meta.pkl")
+    (tmp_path / "input.txt").write_text(text)
     torch.save(_lecture_state_dict(text), tmp_path / "model.pt")
     args = _replace(_replace(args, "text", tmp_path / "input.txt"),
                     "state_dict", tmp_path / "model.pt")
