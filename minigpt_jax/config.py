@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop (saving) when val has not improved for N evaluations; 0: off.
   config.train.early_stop_evals = 0
   config.train.eval_interval = 500  # steps between loss estimates/checkpoints
+  config.train.eval_at_start = True  # also estimate the losses of the untrained model
   config.train.eval_iters = 200  # batches averaged per split per estimate
   config.train.log_every = 50  # steps between progress-bar loss updates
   config.train.sample_tokens = 500  # sample printed at the end (0: none)
@@ -135,7 +136,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                 ("train.weight_decay_on", t.weight_decay_on, DECAY_GROUPS)):
     _require(value in choices, field, f"is {value!r}", f"use one of {', '.join(choices)}")
   for field, value in (("model.bias", m.bias), ("model.qkv_bias", m.qkv_bias),
-                       ("model.tie_embeddings", m.tie_embeddings)):
+                       ("model.tie_embeddings", m.tie_embeddings),
+                       ("train.eval_at_start", t.eval_at_start)):
     _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
   if m.position == "rope":
     _require((m.n_embed // m.n_heads) % 2 == 0, "model.position",

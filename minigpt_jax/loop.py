@@ -473,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   try:
     run.start()
     t = config.train
-    if run.step == 0:
+    if run.step == 0 and t.eval_at_start:
       run.evaluate_and_save()
     elif run.step >= t.steps:
       run.say(f"already at step {run.step} of {t.steps}; raise --config.train.steps to "

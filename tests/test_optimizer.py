@@ -82,10 +82,11 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_config, tmp_path
   assert labels["['lm_head']['kernel']"] == "adamw"
   assert labels["['block_0']['ln1']['scale']"] == "adamw"
   tiny_config.train.update(optimizer="muon", muon_learning_rate=0.02, schedule="cosine",
-                           warmup_steps=5)
+                           warmup_steps=5, eval_at_start=False)
   summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   assert summary["val_loss"] < 3.8  # from 4.25 at step 0: it learns
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [20, 40]  # none at step 0
   last = [r for r in records if r["kind"] == "train"][-1]
   assert last["muon_learning_rate"] == pytest.approx(
       optimizer.learning_rate_at(tiny_config.train, 39, 0.02))
