@@ -1,6 +1,6 @@
 """nanoGPT's `config/train_shakespeare_char.py`, exactly, on tiny Shakespeare (10.7M parameters).
 
-  python launch/train.py --config=configs/shakespeare_char_nanogpt.py --workdir=runs/nanogpt
+  python launch/train.py --config=configs/shakespeare_char_nanogpt.py --workdir=runs/shakespeare_char_nanogpt
 
 Model: 6 layers, 6 heads, width 384, block 256, dropout 0.2, GELU, tied
 embeddings, no biases. Optimizer: AdamW with beta2 0.99, weight decay 0.1 on

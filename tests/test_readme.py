@@ -14,7 +14,8 @@ MODEL = ["--config.model.block_size=16", "--config.model.n_embed=32",
          "--config.model.n_heads=2", "--config.model.n_layer=1"]
 SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
                   "--config.train.eval_interval=1", "--config.train.eval_iters=1",
-                  "--config.train.sample_tokens=0"]
+                  "--config.train.sample_tokens=0",
+                  "--config.train.warmup_steps=0"]  # the recipes' warmup outlasts 2 steps
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
 ORDER = ("import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py", "sample.py")
