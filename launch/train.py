@@ -17,7 +17,7 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import cli, files, loop, parallel, plotting  # noqa: E402
+from minigpt_jax import cli, loop, parallel  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, summary.json.")
@@ -41,20 +41,13 @@ def main():
   config, samples = _CONFIG.value, []
 
   def end_of_run(end: loop.EndOfRun):
-    """The chores after a finished run: the loss plot, and a sample for stdout and TensorBoard."""
-    try:
-      plotting.save_loss_plot(end.workdir)
-    except OSError as e:
-      raise files.write_error(end.workdir / "loss.png", e) from None
-    if config.train.sample_tokens:
-      samples.append(loop.sample_text(end.state, end.tokenizer, config.train.sample_tokens))
-      end.writer.write_text("sample", end.summary["step"], samples[0])
+    samples.append(loop.plot_and_sample(end, config.train.sample_tokens))
 
   summary = loop.train_and_evaluate(config, _WORKDIR.value, on_end=end_of_run)
   if not parallel.is_main_process():
     return
   print(loop.done_line(summary, _WORKDIR.value), file=sys.stderr)
-  if samples:
+  if samples and samples[0] is not None:
     print(samples[0])
 
 

@@ -31,7 +31,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, optimizer,
-                         parallel, sampling, workdir_lock)
+                         parallel, plotting, sampling, workdir_lock)
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.model import count_params
@@ -521,6 +521,22 @@ def done_line(summary: dict, workdir) -> str:
   return (f"done{early}: step {summary['step']}, train loss {loss(summary['train_loss'])}, "
           f"val loss {loss(summary['val_loss'])}{best}{rate}, {summary['wall_s']} s; "
           f"summary in {workdir}/summary.json")
+
+
+def plot_and_sample(end: EndOfRun, sample_tokens: int) -> str | None:
+  """A finished run's chores: loss.png, and a sample of `sample_tokens` (0: none) for TensorBoard.
+
+  Returns the sample, for a launcher to print.
+  """
+  try:
+    plotting.save_loss_plot(end.workdir)
+  except OSError as e:
+    raise files.write_error(end.workdir / "loss.png", e) from None
+  if not sample_tokens:
+    return None
+  text = sample_text(end.state, end.tokenizer, sample_tokens)
+  end.writer.write_text("sample", end.summary["step"], text)
+  return text
 
 
 def sample_text(state: TrainState, tokenizer: data.CharTokenizer, num_tokens: int) -> str:

@@ -301,16 +301,6 @@ def _stderr(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
-def _end_of_run(config):
-  """Each run's chores, as launch/train.py's: loss.png, and a sample for TensorBoard only."""
-  def hook(end: loop.EndOfRun):
-    plotting.save_loss_plot(end.workdir)
-    if config.train.sample_tokens:
-      text = loop.sample_text(end.state, end.tokenizer, config.train.sample_tokens)
-      end.writer.write_text("sample", end.summary["step"], text)
-  return hook
-
-
 def _train_each(runs: list[Run], workdir: Path, log) -> list[Run]:
   """Trains the unfinished runs in order; returns those that failed (each logged in one line)."""
   failed = []
@@ -322,7 +312,9 @@ def _train_each(runs: list[Run], workdir: Path, log) -> list[Run]:
       continue
     log(f"{head} in {where}")
     try:
-      summary = loop.train_and_evaluate(run.config, where, on_end=_end_of_run(run.config))
+      summary = loop.train_and_evaluate(  # each run's loss.png; its sample to TensorBoard only
+          run.config, where,
+          on_end=lambda end, n=run.config.train.sample_tokens: loop.plot_and_sample(end, n))
     except UserError as e:  # e.g. a learning rate that diverges: the other runs go on
       log(f"run {run.index}/{len(runs)} failed: error: {' '.join(str(e).split())}")
       failed.append(run)

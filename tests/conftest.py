@@ -58,6 +58,15 @@ def tiny(config):
   return config
 
 
+def frost_ids_and_vocab():
+  """Frost's whole text as ids on device, and its vocabulary size."""
+  import jax.numpy as jnp
+  from minigpt_jax import data
+  text = data.read_text(data.resolve_corpus("frost"))
+  tokenizer = data.CharTokenizer.from_text(text)
+  return jnp.asarray(tokenizer.encode(text)), tokenizer.vocab_size
+
+
 @pytest.fixture
 def tiny_config():
   """configs/frost_cpu.py on frost, shrunk: 2 layers, width 32, 40 steps."""

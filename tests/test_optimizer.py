@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny
-from minigpt_jax import checkpoint, config as config_lib, data, loop, optimizer, train
+from conftest import frost_ids_and_vocab, tiny
+from minigpt_jax import checkpoint, config as config_lib, loop, optimizer, train
 from minigpt_jax.errors import UserError
 
 
@@ -92,15 +92,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_config, tmp_path
       optimizer.learning_rate_at(tiny_config.train, 39, 0.02))
 
 
-def _frost_ids_and_vocab():
-  text = data.read_text(data.resolve_corpus("frost"))
-  tokenizer = data.CharTokenizer.from_text(text)
-  return jnp.asarray(tokenizer.encode(text)), tokenizer.vocab_size
-
-
 def test_gradient_accumulation_equals_the_whole_batch_dropout_included(tiny_config):
   tiny_config.model.dropout = 0.2
-  ids, vocab_size = _frost_ids_and_vocab()
+  ids, vocab_size = frost_ids_and_vocab()
   results = []
   for k in (1, 4):
     state = train.create_train_state(tiny_config, vocab_size)
@@ -152,7 +146,7 @@ def test_resume_is_bit_identical_with_cosine_clipping_and_accumulation(tiny_conf
   # The logged learning rate is the schedule's, at the update each record ends.
   logged = [(r["step"], r["learning_rate"]) for r in _records(tmp_path / "unbroken", "train")]
   assert logged == [(s, optimizer.learning_rate_at(config.train, s - 1)) for s, _ in logged]
-  assert logged[0][1] < logged[-2][1] or logged[-1][1] < logged[1][1]
+  assert logged[-1][1] < logged[0][1]  # the cosine's decay shows in the records
 
 
 def test_a_resume_that_changes_the_optimizer_layout_names_the_field(tiny_config):

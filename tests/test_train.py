@@ -9,7 +9,8 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, data, loop, sampling, train
+from conftest import frost_ids_and_vocab
+from minigpt_jax import checkpoint, loop, sampling, train
 
 
 def _leaves_equal(a, b) -> bool:
@@ -96,10 +97,8 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tiny_config, tmp_path):
 
 
 def test_train_step_compiles_once(tiny_config):
-  text = data.read_text(data.resolve_corpus("frost"))
-  tokenizer = data.CharTokenizer.from_text(text)
-  ids = jax.numpy.asarray(tokenizer.encode(text))
-  state = train.create_train_state(tiny_config, tokenizer.vocab_size)
+  ids, vocab_size = frost_ids_and_vocab()
+  state = train.create_train_state(tiny_config, vocab_size)
   step_fn = jax.jit(train.train_step, donate_argnums=0)
   draw = jax.jit(functools.partial(train.draw_batch, batch_size=8, block_size=16))
   losses, cache_sizes = [], []
@@ -112,17 +111,11 @@ def test_train_step_compiles_once(tiny_config):
   assert int(state.step) == 5 and len(set(losses)) == 5
 
 
-def _frost_ids_and_vocab():
-  text = data.read_text(data.resolve_corpus("frost"))
-  tokenizer = data.CharTokenizer.from_text(text)
-  return jax.numpy.asarray(tokenizer.encode(text)), tokenizer.vocab_size
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_several_steps_per_dispatch_equal_one_step_per_dispatch(tiny_config, dropout):
   """A scan of K steps gives the losses and params of K single-step calls."""
   tiny_config.model.dropout = dropout
-  ids, vocab_size = _frost_ids_and_vocab()
+  ids, vocab_size = frost_ids_and_vocab()
   run = functools.partial(train.jit_train_steps, batch_size=8, block_size=16)
   single = train.create_train_state(tiny_config, vocab_size)
   single_losses = []
