@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   # N > 0 instead skips such updates (optax.apply_if_finite), stopping after N in
   # a row; the metrics count them. On or off fixes the optimizer state's layout.
   config.train.skip_nonfinite_updates = 0
+  # Trace N steps after the first (compiling) call with jax.profiler into
+  # <workdir>/profile/, for TensorBoard's profile plugin and Perfetto; 0: off.
+  config.train.profile_steps = 0
 
   # Devices: a 1-D mesh whose `data` axis shards the batch; params are replicated.
   config.mesh = ml_collections.ConfigDict()
@@ -177,6 +180,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(t.skip_nonfinite_updates, int) and t.skip_nonfinite_updates >= 0,
            "train.skip_nonfinite_updates", f"is {t.skip_nonfinite_updates!r}",
            "use 0 (stop at the first non-finite update) or a positive limit")
+  _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
+           "train.profile_steps", f"is {t.profile_steps!r}",
+           "use 0 (off) or a positive count of steps to trace")
   _require(t.sample_tokens >= 0, "train.sample_tokens",
            f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
   _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",

@@ -31,7 +31,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, optimizer,
-                         parallel, plotting, sampling, workdir_lock)
+                         parallel, plotting, profiling, sampling, workdir_lock)
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.model import count_params
@@ -268,7 +268,7 @@ class _Run:
     self.is_main = parallel.is_main_process()
     self.say = log if self.is_main else (lambda line: None)  # a log line
     self.clock = Stopwatch()
-    self.lock = self.mngr = self.writer = self.bar = None
+    self.lock = self.mngr = self.writer = self.bar = self.profiler = None
     self.show_progress = show_progress
     self.early_stopped = False
 
@@ -299,6 +299,8 @@ class _Run:
     best = (self.meta.get("best_val_loss"), self.meta.get("best_step"))
     self.best = best if _finite(best[0]) else (None, None)  # older versions saved NaN
     self.guard = _DivergenceGuard(config.train.skip_nonfinite_updates)
+    self.profiler = profiling.StepProfiler(workdir, config.train.profile_steps, self.is_main,
+                                           self.say)
     self._bind_steps()
     self._log_start()
     return self
@@ -334,7 +336,9 @@ class _Run:
   def train_call(self) -> None:
     """One compiled call of `_steps_in_next_call` steps."""
     n = _steps_in_next_call(self.step, self.config)
+    self.profiler.before_call(self.step)
     self.state, self.metrics = self.run_steps(self.state, self.splits["train"], num_steps=n)
+    self.profiler.after_call(n, self.metrics)
     self.guard.add(self.step, self.metrics)
     if self.wait_each_call:
       jax.block_until_ready(self.metrics)
@@ -450,6 +454,8 @@ class _Run:
     if failed and self.bar is not None:  # clear it: the error line must stand alone
       self.bar.leave = False
       self.bar.close()
+    if self.profiler is not None:
+      self.profiler.stop()
     if self.writer is not None:
       self.writer.close()
     if self.mngr is not None:
