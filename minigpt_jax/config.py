@@ -8,6 +8,8 @@ devices, or a checkpoint's saved config). May import: ml_collections, data,
 cpu_tricks, optimizer, errors.
 """
 
+import importlib.util
+
 import ml_collections
 
 from minigpt_jax import cpu_tricks, data, optimizer
@@ -99,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep = 3  # latest checkpoints kept, plus the best one
+
+  # Where metrics go besides metrics.jsonl and TensorBoard (metrics.py).
+  config.metrics = ml_collections.ConfigDict()
+  config.metrics.wandb_project = ""  # a Weights & Biases project (pip install wandb); "": off
   return config
 
 
@@ -187,6 +193,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
   _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",
            f"is {config.data.train_fraction!r}", "use a fraction in (0, 1)")
+  wandb_project = config.get("metrics", {}).get("wandb_project", "")
+  if wandb_project and importlib.util.find_spec("wandb") is None:
+    raise UserError(f"config.metrics.wandb_project is {wandb_project!r} but wandb is not "
+                    "installed; pip install 'wandb>=0.31,<0.32', or drop "
+                    "--config.metrics.wandb_project")
   if not config.data.path:
     names = data.corpus_names()
     _require(config.data.corpus in names, "data.corpus",

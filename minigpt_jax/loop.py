@@ -295,7 +295,8 @@ class _Run:
       files.write_json(workdir / "vocab.json", self.vocab)
     self.step = int(self.state.step)
     self.writer = MetricsWriter(workdir, resume_step=self.step, log=self.say,
-                                enabled=self.is_main)
+                                enabled=self.is_main, config=self.config_dict,
+                                wandb_project=config.get("metrics", {}).get("wandb_project", ""))
     best = (self.meta.get("best_val_loss"), self.meta.get("best_step"))
     self.best = best if _finite(best[0]) else (None, None)  # older versions saved NaN
     self.guard = _DivergenceGuard(config.train.skip_nonfinite_updates)

@@ -5,15 +5,23 @@ checkpoint's step before appending, so the file never holds a step twice and
 never loses one; its TensorBoard events file starts with a purge marker at the
 step after the checkpoint, so TensorBoard hides the points the killed run wrote
 past it. A fresh run starts both afresh. TensorBoard events are written by
-tensorboardX, which needs no TensorFlow.
+tensorboardX, which needs no TensorFlow; the run's config goes to its Text tab.
+
+With a `wandb_project`, the same scalars, the config and the final sample also
+go to Weights & Biases (an optional package: `config.validate` names the
+install command before a run starts when it is missing). Each launch is one
+W&B run, named after the workdir, its files in `<workdir>/wandb/` unless
+$WANDB_DIR says otherwise; it does not capture the console. A resumed launch
+is a new W&B run that starts at the checkpoint's step.
 
 The JSON is strict: a non-finite value is written as `null` (TensorBoard still
 gets the NaN, so a diverging run shows). The resume rewrite is atomic, and a
 failed write (a full disk) is a UserError naming the file.
 
-Owns: `MetricsWriter`, `bits_per_char`. May import: files, tensorboardX; no JAX.
+Owns: `MetricsWriter`, `bits_per_char`. May import: files, errors, tensorboardX, wandb; no JAX.
 """
 
+import html
 import itertools
 import json
 import math
@@ -21,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt_jax.errors import UserError
 from minigpt_jax.files import finite_or_none, write_error, write_text
 
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -47,6 +56,21 @@ def _as_code_block(text: str) -> str:
   return "\n".join("    " + line for line in text.splitlines()) or "    (empty)"
 
 
+def _start_wandb(workdir: Path, project: str, config: dict | None, resume_step: int):
+  import wandb  # optional, and slow to import
+
+  try:
+    return wandb.init(
+        project=project, name=workdir.resolve().name, dir=os.environ.get("WANDB_DIR", workdir),
+        config={**(config or {}), "workdir": str(workdir), "resume_step": resume_step},
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True, disable_git=True))
+  except Exception as e:  # no login, no network, a bad project name: wandb's own errors
+    raise UserError(f"could not start a W&B run in project {project!r}: "
+                    f"{' '.join(str(e).split())}; run `wandb login`, or set WANDB_MODE=offline, "
+                    "or drop --config.metrics.wandb_project") from None
+
+
 class MetricsWriter:
   """Appends one JSON object per record; prints evaluation records as log lines.
 
@@ -56,11 +80,11 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | Path, resume_step: int = 0, log=None,
-               enabled: bool = True):
+               enabled: bool = True, config: dict | None = None, wandb_project: str = ""):
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self.log = log or (lambda line: print(line, file=sys.stderr))
-    self._tb = None
+    self._tb = self._wandb = None
     if not enabled:
       return
     kept = []
@@ -84,6 +108,12 @@ class MetricsWriter:
     self._tb = SummaryWriter(
         str(workdir), purge_step=resume_step + 1 if resume_step > 0 else None,
         flush_secs=30, filename_suffix=f".{os.getpid()}.{next(_writers_made):04d}")
+    if config is not None:
+      self._tb.add_text("config", _as_code_block(json.dumps(config, indent=2)), resume_step)
+    if wandb_project:
+      self._wandb = _start_wandb(Path(workdir), wandb_project, config, resume_step)
+      self.log(f"logging to W&B project {wandb_project}, run {self._wandb.name} "
+               f"({self._wandb.settings.mode}, in {self._wandb.dir})")
 
   def write(self, kind: str, step: int, **scalars) -> None:
     """`kind` is "eval" (printed, flushed at once) or "train" (file only)."""
@@ -98,6 +128,9 @@ class MetricsWriter:
     for name, value in scalars.items():
       if _is_scalar(value):  # NaN included: a diverging run should show
         self._tb.add_scalar(f"{kind}/{name}", value, step)
+    if self._wandb is not None:
+      self._wandb.log({f"{kind}/{k}": v for k, v in scalars.items() if _is_scalar(v)},
+                      step=step)
     if kind == "eval":
       self._tb.flush()
       self.log(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
@@ -107,6 +140,10 @@ class MetricsWriter:
     if self.enabled:
       self._tb.add_text(tag, _as_code_block(text), step)
       self._tb.flush()
+      if self._wandb is not None:
+        import wandb
+        self._wandb.log({tag: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+        self._wandb.summary[f"{tag}_text"] = text  # the HTML's own summary entry is a file
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -117,6 +154,9 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
     self.enabled = False
 
   def __enter__(self):

@@ -24,7 +24,8 @@ tokens of "naive" (and of naive "chunked" past block_size), up to float
 rounding in the logits, which the tests show does not change a token.
 
 Owns: `make_generate`, `make_stream`, prompt encoding, `load_for_sampling`
-(a checkpoint to (model config, params, tokenizer)). May import: model,
+(a checkpoint to (model config, params, tokenizer)) and `load_params` (the
+same with the saved config, for evaluation). May import: model,
 checkpoint, cpu_tricks, data, errors.
 """
 
@@ -348,9 +349,25 @@ def encode_prompt(tokenizer, prompt: str, num_samples: int = 1):
   return jnp.tile(jnp.asarray(ids_P)[None, :], (num_samples, 1)), prompt
 
 
+class Loaded(NamedTuple):
+  """A checkpoint without its optimizer state: what sampling and evaluation need."""
+  config: dict  # the run's config, as saved
+  model_cfg: ModelConfig
+  params: Any  # on this process' first device
+  tokenizer: data.CharTokenizer
+  step: int
+
+
 def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False,
                       warn=None):
-  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone.
+  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone (`load_params`)."""
+  loaded = load_params(workdir, step, best, warn)
+  return loaded.model_cfg, loaded.params, loaded.tokenizer, loaded.step
+
+
+def load_params(workdir: str | Path, step: int | None = None, best: bool = False,
+                warn=None) -> Loaded:
+  """A workdir's checkpoint: its config, vocabulary and params, no optimizer state.
 
   Without `step`, the newest (or with `best`, the best) step that restores:
   each damaged one is a `warn` line. An explicit damaged `step` is a UserError.
@@ -381,18 +398,18 @@ def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool =
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0))))
-    return model_cfg, checkpoint.restore_params(mngr, step, abstract), vocab
+    return config_dict, model_cfg, checkpoint.restore_params(mngr, step, abstract), vocab
 
   if step is not None:  # an explicit step: no fallback
     try:
-      model_cfg, params, vocab = load(step)
+      config_dict, model_cfg, params, vocab = load(step)
     except checkpoint.Damaged as e:
       others = [s for s in steps if s != step]
       raise UserError(f"{e} (in {workdir}); pick another with --step "
                       f"({', '.join(map(str, others)) or 'none left'}) or drop --step "
                       "for the newest good one") from None
   else:  # newest first, or best first: the order of `candidates`
-    step, (model_cfg, params, vocab) = checkpoint.restore_newest(mngr, load, warn, candidates,
+    step, (config_dict, model_cfg, params, vocab) = checkpoint.restore_newest(mngr, load, warn, candidates,
                                                                  newest_first=not best)
   mngr.close()
-  return model_cfg, params, data.CharTokenizer.from_json(vocab), step
+  return Loaded(config_dict, model_cfg, params, data.CharTokenizer.from_json(vocab), step)

@@ -2,6 +2,9 @@
 
 import json
 import struct
+import time
+
+import pytest
 
 from tensorboardX.proto import event_pb2
 
@@ -134,3 +137,70 @@ def test_writes_after_close_are_ignored(tmp_path):
   writer.write("eval", 10, val_loss=3.0)
   writer.close()
   assert _steps(_records(tmp_path), "eval") == [0]
+
+
+def _wandb_records(run_dir):
+  """The Record protos of an offline W&B run file (LevelDB-log blocks of 32 KiB)."""
+  from wandb.proto import wandb_internal_pb2
+  (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+  data, i, chunk = path.read_bytes(), 7, b""  # after the ":W&B" header
+  assert data[:4] == b":W&B"
+  while i + 7 <= len(data):
+    left = 32768 - i % 32768
+    _, length, kind = struct.unpack_from("<IHB", data, i) if left >= 7 else (0, 0, 0)
+    if kind == 0:  # a block's zero padding
+      i += left
+      continue
+    chunk, i = chunk + data[i + 7:i + 7 + length], i + 7 + length
+    if kind in (1, 4):  # a whole record, or a record's last piece
+      yield wandb_internal_pb2.Record.FromString(chunk)
+      chunk = b""
+
+
+def test_a_run_logs_its_config_scalars_and_sample_to_wandb_offline_and_tensorboard(
+    tiny_config, tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  from minigpt_jax import loop
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.delenv("WANDB_DIR", raising=False)
+  tiny_config.metrics.wandb_project = "minigpt-test"
+  tiny_config.train.steps = 20
+  lines = []
+  loop.train_and_evaluate(tiny_config, tmp_path, log=lines.append, show_progress=False,
+                          on_end=lambda end: loop.plot_and_sample(end, 20))
+  assert any(line.startswith("logging to W&B project minigpt-test") for line in lines)
+  for _ in range(120):  # W&B's service may still be writing the file after finish() returns
+    records = list(_wandb_records(tmp_path))
+    if any(r.WhichOneof("record_type") == "exit" for r in records):
+      break
+    time.sleep(0.5)
+  (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+  config = {u.key: json.loads(u.value_json) for u in run.config.update}
+  assert run.project == "minigpt-test" and config["model"]["n_embed"] == 32
+  history = [{".".join(i.nested_key) or i.key: i.value_json for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"]
+  evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "eval"]
+  logged = {int(h["_step"]): h for h in history}
+  assert sorted(logged) == [0, 10, 20]  # evals at 0, 10 (log_every), 20
+  for record in evals:
+    assert json.loads(logged[record["step"]]["eval/val_loss"]) == record["val_loss"]
+  assert "train/loss" in logged[10] and "sample._type" in logged[20]
+  summary = {u.key: json.loads(u.value_json) for r in records
+             if r.WhichOneof("record_type") == "summary" for u in r.summary.update if u.key}
+  assert len(summary["sample_text"]) == 20
+  shown, _ = _tensorboard_view(tmp_path)
+  assert '"n_embed": 32' in shown["config/text_summary"][0]
+
+
+def test_asking_for_wandb_without_the_package_is_one_error_naming_the_install(
+    tiny_config, monkeypatch):
+  import importlib.util
+  from minigpt_jax import config as config_lib
+  from minigpt_jax.errors import UserError
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+  tiny_config.metrics.wandb_project = "p"
+  with pytest.raises(UserError, match=r"wandb is not installed; pip install 'wandb>=0.31"):
+    config_lib.validate(tiny_config)

@@ -1,0 +1,43 @@
+"""Loss and bits per character of a checkpoint, without training or its optimizer state.
+
+  python launch/evaluate.py --workdir=runs/frost_t4 --best
+
+Evaluates on the run's own corpus (its train and val splits, with the batches
+the run's evaluation drew at that step, so with the run's eval_iters the
+numbers equal that step's eval record), or with --path=FILE on any text the
+checkpoint's vocabulary covers. One JSON object goes to stdout for scripts
+(`train_loss`, `val_loss`, `train_bpc`, `val_bpc`, or `text_loss` and
+`text_bpc` with --path; `step`, `eval_iters`, ...); a line for people goes
+to stderr.
+"""
+
+import json
+import sys
+
+import _preamble  # first: the repo on sys.path
+
+_preamble.start(__name__)  # before JAX loads: the process may restart
+
+from absl import flags  # noqa: E402
+
+from minigpt_jax import cli, evaluate  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
+_EVAL_ITERS = flags.DEFINE_integer("eval_iters", None,
+                                   "Batches per split (default: the run's eval_iters).")
+_PATH = flags.DEFINE_string("path", None, "Evaluate on this UTF-8 text file instead of the "
+                            "run's corpus (one split, `text`).")
+flags.mark_flag_as_required("workdir")
+
+
+def main():
+  result = evaluate.evaluate(_WORKDIR.value, step=_STEP.value, best=_BEST.value,
+                             eval_iters=_EVAL_ITERS.value, path=_PATH.value)
+  print(evaluate.summary_line(result), file=sys.stderr)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  cli.run(main)
