@@ -3,7 +3,8 @@
 The trace starts after the run's first compiled call (its compilation is
 warm-up, not a step worth tracing) and covers whole calls until at least
 `profile_steps` steps ran inside it: with `steps_per_dispatch` K > 1 a call
-runs K steps, so the trace holds the first multiple of K steps at or past N.
+runs K steps (or 1, next to a log or an evaluation), so the trace may hold
+more than N; its log line names the steps.
 It stops only once those calls' results are ready, so the device work is in
 it. Anything the loop does between those calls (a log record, an
 evaluation, a save) is in the trace too.

@@ -18,7 +18,8 @@ SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
                   "--config.train.warmup_steps=0"]  # the recipes' warmup outlasts 2 steps
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
-ORDER = ("import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py", "sample.py")
+ORDER = ("import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py", "sample.py",
+         "evaluate.py")
 
 
 def readme_commands() -> list[list[str]]:
@@ -118,6 +119,8 @@ def _shrunk(args, tmp_path, workdirs):
     args = [f"--workdir={workdirs[a.split('=', 1)[1]]}" if a.startswith("--workdir=") else a
             for a in args]
     return _replace(args, "out", tmp_path / Path(_flag(args, "out")).name)
+  if script == "evaluate.py":
+    return _replace(args, "workdir", workdirs[_flag(args, "workdir")])
   if script == "sample.py":
     args = _replace(args, "workdir", workdirs[_flag(args, "workdir")])
     return _drop(args, "num_tokens") + ["--num_tokens=5"]
