@@ -35,7 +35,7 @@ def test_every_config_file_validates(path):
   config_lib.validate(config)
   # Every file starts from the shared defaults, so it has every field.
   base = config_lib.get_config()
-  for section in ("data", "model", "train", "checkpoint"):
+  for section in ("data", "model", "train", "checkpoint", "metrics"):
     assert set(config[section].keys()) == set(base[section].keys()), section
 
 
@@ -137,6 +137,7 @@ def _invalid(**changes):
     ({"train__grad_clip": -1.0}, ["train.grad_clip"]),
     ({"train__grad_accum_steps": 3}, ["train.batch_size (16)", "grad_accum_steps (3)"]),
     ({"train__early_stop_evals": -1}, ["train.early_stop_evals"]),
+    ({"train__profile_steps": -1}, ["train.profile_steps"]),
     ({"model__activation": "tanh"}, ["model.activation", "gelu"]),
     ({"model__position": "alibi"}, ["model.position", "rope"]),
     ({"model__n_embed": 12, "model__n_heads": 4, "model__position": "rope"},
