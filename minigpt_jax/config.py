@@ -33,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.corpus = "frost"  # a name in data/corpora.json
   config.data.path = ""  # any UTF-8 text file; wins over `corpus` when set
   config.data.train_fraction = 0.9  # the rest is the validation split
+  # Batches are drawn on device from ids every device holds, unless on_device
+  # is False or the ids (as int32) pass device_budget_mb: then windows are
+  # gathered on the host from the arrays or memmaps (batches.py), same windows.
+  config.data.on_device = True
+  config.data.device_budget_mb = 1024
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "gpt"  # "bigram" | "gpt"
@@ -146,7 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(value in choices, field, f"is {value!r}", f"use one of {', '.join(choices)}")
   for field, value in (("model.bias", m.bias), ("model.qkv_bias", m.qkv_bias),
                        ("model.tie_embeddings", m.tie_embeddings),
-                       ("train.eval_at_start", t.eval_at_start)):
+                       ("train.eval_at_start", t.eval_at_start),
+                       ("data.on_device", config.data.on_device)):
     _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
   if m.position == "rope":
     _require((m.n_embed // m.n_heads) % 2 == 0, "model.position",
@@ -191,6 +197,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "use 0 (off) or a positive count of steps to trace")
   _require(t.sample_tokens >= 0, "train.sample_tokens",
            f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
+  budget = config.data.device_budget_mb
+  _require(isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0,
+           "data.device_budget_mb", f"is {budget!r}",
+           "use a positive size in MB (or config.data.on_device=False for the host path)")
   _require(0.0 < config.data.train_fraction < 1.0, "data.train_fraction",
            f"is {config.data.train_fraction!r}", "use a fraction in (0, 1)")
   wandb_project = config.get("metrics", {}).get("wandb_project", "")

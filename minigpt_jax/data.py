@@ -1,10 +1,13 @@
 """Text in, integer batches out: corpus lookup, tokenizer, split, batches.
 
-Batches are drawn on device from an explicit PRNG key, so a step's batch
-depends only on (seed, step): a resumed run sees the batches an unbroken run
-would have seen.
+Batches are drawn from an explicit PRNG key, so a step's batch depends only
+on (seed, step): a resumed run sees the batches an unbroken run would have
+seen. `get_batch` draws them on device from a corpus every device holds;
+`window_starts` and `gather_windows` draw the same windows on the host, from
+numpy arrays or memmaps of any size (see `batches.py`).
 
-Owns: the corpus registry and downloads, `CharTokenizer`, `split`, `get_batch`.
+Owns: the corpus registry and downloads, `CharTokenizer`, `split`, `get_batch`,
+`window_starts`, `gather_windows`.
 May import: JAX, numpy, errors.
 """
 
@@ -161,8 +164,53 @@ def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
   """Random windows of `data_N`: inputs x_BT and targets y_BT shifted by one.
 
   Traceable: call it inside jit with static `batch_size` and `block_size`.
+  Its int32 starts reach 2**31 tokens; larger corpora are drawn on the host.
   """
-  starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - block_size)
+  span = data_N.shape[0] - block_size
+  if span > INT32_SPAN:
+    raise ValueError(f"{data_N.shape[0]} tokens are past int32 starts; draw on the host")
+  starts_B = jax.random.randint(key, (batch_size,), 0, span)
   offsets_T = jnp.arange(block_size + 1)
   windows_BT1 = data_N[starts_B[:, None] + offsets_T[None, :]]
   return windows_BT1[:, :-1], windows_BT1[:, 1:]
+
+
+# The largest range of starts that get_batch's int32 randint draws from.
+INT32_SPAN = int(np.iinfo(np.int32).max)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _randint_starts(keys_K, batch_size: int, span: int) -> jax.Array:
+  return jax.vmap(lambda key: jax.random.randint(key, (batch_size,), 0, span))(keys_K)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _wide_bits(keys_K, batch_size: int) -> jax.Array:
+  return jax.vmap(lambda key: jax.random.bits(key, (2, batch_size), jnp.uint32))(keys_K)
+
+
+def window_starts(keys_K: jax.Array, num_tokens: int, batch_size: int,
+                  block_size: int) -> np.ndarray:
+  """Starts [K, B] (int64, on the host) of the windows of `num_tokens`, one row per key.
+
+  Up to 2**31 starts: get_batch's own randint, so the host and the device draw
+  the same windows from the same keys. Past that (int32 overflows, and jit has
+  no 64-bit integers without x64): two uint32 draws made one uint64, modulo
+  the range; the bias is below span / 2**64, nothing for any real corpus.
+  """
+  span = num_tokens - block_size
+  if span <= INT32_SPAN:
+    return np.asarray(_randint_starts(keys_K, batch_size, span)).astype(np.int64)
+  bits_K2B = np.asarray(_wide_bits(keys_K, batch_size))
+  wide_KB = (bits_K2B[:, 0].astype(np.uint64) << np.uint64(32)) | bits_K2B[:, 1]
+  return (wide_KB % np.uint64(span)).astype(np.int64)
+
+
+def gather_windows(ids_N: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
+  """`ids_N[s : s + block_size + 1]` for every start, as int32 (shape starts.shape + [T+1]).
+
+  On an np.memmap this reads only the windows' pages, so host memory does not
+  grow with the file.
+  """
+  offsets = np.arange(block_size + 1, dtype=np.int64)
+  return np.asarray(ids_N[starts[..., None] + offsets], dtype=np.int32)

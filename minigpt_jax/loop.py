@@ -16,7 +16,6 @@ Owns: the loop's side effects. May import: every module but the launchers'.
 """
 
 import contextlib
-import functools
 import math
 import signal
 import sys
@@ -30,13 +29,12 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from minigpt_jax import (checkpoint, config as config_lib, cpu_tricks, data, files, optimizer,
-                         parallel, plotting, profiling, sampling, workdir_lock)
+from minigpt_jax import (batches, checkpoint, config as config_lib, cpu_tricks, data, files,
+                         optimizer, parallel, plotting, profiling, sampling, workdir_lock)
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.model import count_params
-from minigpt_jax.train import (TrainState, create_train_state, jit_estimate_loss,
-                               jit_train_steps, sample_key)
+from minigpt_jax.train import TrainState, create_train_state, sample_key
 
 
 class _Interrupt:
@@ -268,7 +266,7 @@ class _Run:
     self.is_main = parallel.is_main_process()
     self.say = log if self.is_main else (lambda line: None)  # a log line
     self.clock = Stopwatch()
-    self.lock = self.mngr = self.writer = self.bar = self.profiler = None
+    self.lock = self.mngr = self.writer = self.bar = self.profiler = self.batches = None
     self.show_progress = show_progress
     self.early_stopped = False
 
@@ -307,16 +305,14 @@ class _Run:
     return self
 
   def _bind_steps(self) -> None:
-    """The compiled step and evaluation with this run's shapes, and the corpus on device."""
-    t, mesh = self.config.train, self.mesh
-    B, T = t.batch_size, self.config.model.block_size
-    self.tokens_per_step = B * T
-    self.splits = {"train": parallel.put_replicated(self.corpus.train_ids, mesh),
-                   "val": parallel.put_replicated(self.corpus.val_ids, mesh)}
-    self.run_steps = functools.partial(jit_train_steps, batch_size=B, block_size=T, mesh=mesh,
-                                       grad_accum_steps=t.grad_accum_steps)
-    self.evaluate = functools.partial(jit_estimate_loss, batch_size=B, block_size=T,
-                                      eval_iters=t.eval_iters, mesh=mesh)
+    """The compiled step and evaluation with this run's shapes, fed on device or from the host."""
+    config, mesh = self.config, self.mesh
+    self.tokens_per_step = config.train.batch_size * config.model.block_size
+    splits = {"train": self.corpus.train_ids, "val": self.corpus.val_ids}
+    why = batches.uses_host(config, splits)
+    if why is not None:
+      self.say(f"batches come from the host: {why}")
+    self.batches = batches.make(config, splits, mesh, self.state.rng)
     self.wait_each_call = cpu_tricks.wait_each_call(mesh)
 
   def _log_start(self) -> None:
@@ -337,8 +333,10 @@ class _Run:
   def train_call(self) -> None:
     """One compiled call of `_steps_in_next_call` steps."""
     n = _steps_in_next_call(self.step, self.config)
+    after = self.step + n
+    following = _steps_in_next_call(after, self.config) if after < self.config.train.steps else None
     self.profiler.before_call(self.step)
-    self.state, self.metrics = self.run_steps(self.state, self.splits["train"], num_steps=n)
+    self.state, self.metrics = self.batches.run_steps(self.state, self.step, n, following)
     self.profiler.after_call(n, self.metrics)
     self.guard.add(self.step, self.metrics)
     if self.wait_each_call:
@@ -369,7 +367,7 @@ class _Run:
     """Loss estimates of both splits, an eval record, and (past step 0) a checkpoint."""
     self._check_finite()
     with self.clock.paused(self.state):
-      losses = {k: float(v) for k, v in self.evaluate(self.state, self.splits).items()}
+      losses = {k: float(v) for k, v in self.batches.evaluate(self.state, self.step).items()}
       bad = [f"{k} loss {v}" for k, v in sorted(losses.items()) if not math.isfinite(v)]
       if bad:
         raise self._diverged(f"{' and '.join(bad)} at the evaluation of step {self.step}")
@@ -446,6 +444,7 @@ class _Run:
         "backend": jax.default_backend(),
         "devices": self.mesh.devices.size,
         "processes": jax.process_count(),
+        "data_on_device": self.batches.on_device,
     }
     if self.is_main:
       files.write_json(self.workdir / "summary.json", summary)
@@ -457,6 +456,8 @@ class _Run:
       self.bar.close()
     if self.profiler is not None:
       self.profiler.stop()
+    if self.batches is not None:
+      self.batches.close()
     if self.writer is not None:
       self.writer.close()
     if self.mngr is not None:

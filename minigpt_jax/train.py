@@ -6,7 +6,9 @@ they depend on the step alone and a resumed run repeats an unbroken one
 bit for bit, on any number of devices.
 
 Devices: batches are drawn inside the compiled step from the corpus, which
-every device holds, and constrained to be sharded over the mesh's `data`
+every device holds (`train_steps`), or come in as windows the host gathered
+with the same keys (`train_steps_on_windows`, for corpora past the device
+budget; `batches.py`), and are constrained to be sharded over the mesh's `data`
 axis; each device (and each process) computes the loss and gradients of only
 its rows of the global batch (a shard_map), and the averaged gradients update
 params and optimizer state, which are replicated. See `parallel.py`.
@@ -14,7 +16,8 @@ params and optimizer state, which are replicated. See `parallel.py`.
 The loop that drives these (files, checkpoints, logs, signals) is `loop.py`.
 The optimizer `config.train` asks for is built in `optimizer.py`.
 Owns: `TrainState`, `create_train_state`, `train_step` (with gradient
-accumulation), `train_steps`, `eval_step`, `estimate_loss`. May import: model,
+accumulation), `train_steps` and `train_steps_on_windows`, `eval_step`,
+`estimate_loss` and `estimate_loss_on_windows`, the batch keys of both. May import: model,
 data, optimizer, parallel, cpu_tricks; nothing that writes files.
 """
 
@@ -78,11 +81,28 @@ def _jit_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return jax.jit(init, out_shardings=None if mesh is None else parallel.replicated(mesh))
 
 
+def batch_keys(rng: jax.Array, first_step, num_steps: int) -> jax.Array:
+  """Keys [K] of the training batches of steps first_step .. first_step + K - 1."""
+  data_key = _stream(rng, _DATA)
+  return jax.vmap(lambda s: jax.random.fold_in(data_key, s))(first_step + jnp.arange(num_steps))
+
+
+def eval_keys(rng: jax.Array, step, split_index: int, eval_iters: int) -> jax.Array:
+  """Keys [eval_iters] of the evaluation batches of split `split_index` (sorted names) at `step`."""
+  split_key = jax.random.fold_in(jax.random.fold_in(_stream(rng, _EVAL), step), split_index)
+  return jax.vmap(lambda j: jax.random.fold_in(split_key, j))(jnp.arange(eval_iters))
+
+
 def draw_batch(state: TrainState, data_N: jax.Array, batch_size: int, block_size: int,
                mesh: Mesh | None = None):
   """The training batch of `state.step`, sharded over the mesh's `data` axis."""
-  key = jax.random.fold_in(_stream(state.rng, _DATA), state.step)
+  key = batch_keys(state.rng, state.step, 1)[0]
   return _shard_batch(data.get_batch(key, data_N, batch_size, block_size), mesh)
+
+
+def _split_windows(windows_BT1: jax.Array):
+  """Host-gathered windows of block_size + 1 ids to (x_BT, y_BT), as get_batch gives them."""
+  return windows_BT1[:, :-1], windows_BT1[:, 1:]
 
 
 def _shard_batch(batch, mesh: Mesh | None):
@@ -168,7 +188,27 @@ def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block
     batch = draw_batch(state, train_N, batch_size, block_size, mesh)
     return train_step(state, batch, mesh, grad_accum_steps)
 
-  state, metrics_K = lax.scan(one_step, state, length=num_steps)
+  return _scan_steps(one_step, state, None, num_steps, mesh)
+
+
+def train_steps_on_windows(state: TrainState, windows_KBT1: jax.Array, *,
+                           mesh: Mesh | None = None,
+                           grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """`train_steps` on batches the host gathered: windows [K, B, block_size + 1], one per step.
+
+  Given the windows of `batch_keys` (batches.py draws them so), the results
+  equal train_steps' on a corpus on device.
+  """
+
+  def one_step(state, windows_BT1):
+    batch = _shard_batch(_split_windows(windows_BT1), mesh)
+    return train_step(state, batch, mesh, grad_accum_steps)
+
+  return _scan_steps(one_step, state, windows_KBT1, None, mesh)
+
+
+def _scan_steps(one_step, state, xs, num_steps, mesh):
+  state, metrics_K = lax.scan(one_step, state, xs, length=num_steps)
   if mesh is not None:
     state = lax.with_sharding_constraint(state, parallel.replicated(mesh))
   return state, metrics_K
@@ -182,16 +222,29 @@ def eval_step(state: TrainState, params, batch) -> jax.Array:
 def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: int,
                   eval_iters: int, mesh: Mesh | None = None) -> dict:
   """Mean loss over `eval_iters` random batches of each split (the lecture's)."""
-  key = jax.random.fold_in(_stream(state.rng, _EVAL), state.step)
   losses = {}
   for i, (name, data_N) in enumerate(sorted(splits.items())):
-    split_key = jax.random.fold_in(key, i)
+    keys_J = eval_keys(state.rng, state.step, i, eval_iters)
 
     def add(j, total):
-      batch = _shard_batch(data.get_batch(jax.random.fold_in(split_key, j), data_N,
-                                          batch_size, block_size), mesh)
+      batch = _shard_batch(data.get_batch(keys_J[j], data_N, batch_size, block_size), mesh)
       return total + eval_step(state, state.params, batch)
 
+    losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
+  return losses
+
+
+def estimate_loss_on_windows(state: TrainState, windows: dict,
+                             mesh: Mesh | None = None) -> dict:
+  """`estimate_loss` on host-gathered windows: {split: [eval_iters, B, block_size + 1]}."""
+  losses = {}
+  for name, windows_JBT1 in sorted(windows.items()):
+
+    def add(j, total):
+      batch = _shard_batch(_split_windows(windows_JBT1[j]), mesh)
+      return total + eval_step(state, state.params, batch)
+
+    eval_iters = windows_JBT1.shape[0]
     losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
   return losses
 
@@ -202,3 +255,6 @@ jit_train_steps = jax.jit(train_steps, donate_argnums=0,
                                            "grad_accum_steps"))
 jit_estimate_loss = jax.jit(estimate_loss,
                             static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))
+jit_train_steps_on_windows = jax.jit(train_steps_on_windows, donate_argnums=0,
+                                     static_argnames=("mesh", "grad_accum_steps"))
+jit_estimate_loss_on_windows = jax.jit(estimate_loss_on_windows, static_argnames=("mesh",))
