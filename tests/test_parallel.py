@@ -141,13 +141,18 @@ def _free_port(candidates=(0,)) -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process(one_device, tmp_path):
-  """jax.distributed on 127.0.0.1, CPU collectives, 1 device each: same losses."""
+@pytest.mark.parametrize("batches", ["device", "host"])
+def test_two_processes_match_one_process(one_device, tmp_path, batches):
+  """jax.distributed on 127.0.0.1, CPU collectives, 1 device each: same losses.
+
+  With host batches each process gathers only its own rows of each global batch.
+  """
   address = f"127.0.0.1:{_free_port()}"
+  host = ["--config.data.on_device=False"] if batches == "host" else []
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={tmp_path}",
        "--config.train.steps=20", f"--coordinator_address={address}",
-       "--num_processes=2", f"--process_id={i}"],
+       "--num_processes=2", f"--process_id={i}", *host],
       cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
@@ -156,6 +161,7 @@ def test_two_processes_match_one_process(one_device, tmp_path):
   _assert_same_losses(_losses(tmp_path), _losses(one_device))
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert (summary["devices"], summary["processes"]) == (2, 2)
+  assert summary["data_on_device"] is (batches == "device")
   assert "done: step 20" in outputs[0][1] and "done:" not in outputs[1][1]
 
 
