@@ -5,7 +5,8 @@
 - setup (`_Run.start`): the mesh and corpus, checked before anything compiles
   (`make_mesh`, `load_corpus`); the workdir lock; a fresh state, resumed from
   the newest checkpoint that restores (`_resume`);
-- the loop: `_Run.train_call` (one compiled call of `train.train_steps`), then
+- the loop: `_Run.train_call` (one compiled call of `train.train_steps`, its
+  batches drawn on device or gathered on the host: `batches.py`), then
   when due `log_train`, `evaluate_and_save`, and the stop check that every
   process agrees on (`save_for_stop`);
 - `_Run.summary`, then an `on_end` hook (the launcher plots and samples).

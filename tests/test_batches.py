@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax import batches, config as config_lib, data, loop, parallel, train
+from minigpt_jax import batches, checkpoint, config as config_lib, data, loop, parallel, train
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,6 @@ def test_host_memmap_run_resumed_equals_the_device_run_exactly(tiny_config, tmp_
   assert host["data_on_device"] is False
   assert _records(tmp_path / "host") == _records(tmp_path / "device")
   template = train.create_train_state(tiny_config, device["vocab_size"])
-  from minigpt_jax import checkpoint
   states = [checkpoint.restore_state(checkpoint.manager(tmp_path / name), 40, template)
             for name in ("device", "host")]
   for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1]),
