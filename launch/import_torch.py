@@ -15,7 +15,8 @@ and nanoGPT's model the rest (gelu, tied head, learned positions); the config
 gives the training settings. Only character-level nanoGPT models import (its
 vocab_size must be the vocabulary's). The vocabulary is the sorted characters
 of --text (as the lecture builds it), a vocab.json written by our training
-(--vocab), or the meta.pkl of nanoGPT's data/shakespeare_char/prepare.py
+(--vocab; a BPE one, or the tokenizer.json of a launch/prepare.py folder, works
+too), or the meta.pkl of nanoGPT's data/shakespeare_char/prepare.py
 (--meta; read without running any code it names). The checkpoint is saved at
 step 0, so launch/train.py on the same workdir and config fine-tunes it (with
 --ckpt: and the printed config.model values as --config.model.* flags).
@@ -35,7 +36,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from minigpt_jax import (checkpoint, cli, config as config_lib, data, files, torch_import,  # noqa: E402
-                         train, workdir_lock)
+                         tokenizer as tokenizer_lib, train, workdir_lock)
 from minigpt_jax.errors import UserError  # noqa: E402
 from minigpt_jax.model import ModelConfig, count_params  # noqa: E402
 
@@ -52,7 +53,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _tokenizer(text_path: str | None, vocab_path: str | None,
-               meta_path: str | None = None) -> data.CharTokenizer:
+               meta_path: str | None = None):
   if sum(map(bool, (text_path, vocab_path, meta_path))) != 1:
     raise UserError("pass exactly one of --text=FILE (the text the PyTorch model was "
                     "trained on), --vocab=vocab.json and --meta=meta.pkl (nanoGPT's)")
@@ -68,14 +69,11 @@ def _tokenizer(text_path: str | None, vocab_path: str | None,
     raise UserError(f"--vocab file {path} does not exist; pass a vocab.json from a "
                     "workdir, or --text=FILE")
   try:
-    vocab = json.loads(path.read_text(encoding="utf-8"))
-    ok = isinstance(vocab["chars"], str) and vocab["chars"]
-  except (ValueError, KeyError, TypeError):
-    ok = False
-  if not ok:
-    raise UserError(f"--vocab file {path} is not a vocab.json ({{\"chars\": \"...\"}}); "
-                    "pass one written by launch/train.py, or --text=FILE")
-  return data.CharTokenizer.from_json(vocab)
+    return tokenizer_lib.from_json(json.loads(path.read_text(encoding="utf-8")))
+  except (ValueError, UserError):
+    raise UserError(f"--vocab file {path} is not a vocab.json ({{\"chars\": \"...\"}} or "
+                    "a BPE one); pass one written by launch/train.py (or a tokenizer.json of "
+                    "launch/prepare.py), or --text=FILE") from None
 
 
 def _torch_load(path: Path, flag: str, fix: str):
@@ -131,6 +129,8 @@ def main():
   state_dict_path = Path(_STATE_DICT.value or _CKPT.value)
   # -- Everything that can be wrong is checked before the workdir is touched.
   tokenizer = _tokenizer(_TEXT.value, _VOCAB.value, _META.value)
+  if tokenizer.kind == "bpe":  # the saved config says what the vocabulary is
+    config.data.update(tokenizer="bpe", vocab_size=tokenizer.vocab_size)
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
     raise UserError(f"{workdir} already holds checkpoints; import into a new --workdir")

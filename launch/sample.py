@@ -28,7 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/tr
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: a newline).")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "Characters to generate.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "Tokens (characters, or BPE tokens) to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest (0: all; 1: greedy).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
@@ -52,15 +52,17 @@ def main():
   model_cfg, params, tokenizer, step = sampling.load_for_sampling(
       _WORKDIR.value, step=_STEP.value, best=_BEST.value)
   prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
-  print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} characters from step {step} "
+  unit = "characters" if tokenizer.kind == "char" else "tokens"
+  print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} {unit} from step {step} "
         f"of {_WORKDIR.value}", file=sys.stderr)
   key = jax.random.PRNGKey(_SEED.value)
   if _STREAM.value:
     print(prompt, end="", flush=True)
     stream = sampling.make_stream(model_cfg)
-    for piece_BN in stream(params, prompt_ids, key, _NUM_TOKENS.value, _TEMPERATURE.value,
-                           _TOP_K.value):
-      print(tokenizer.decode(piece_BN[0]), end="", flush=True)
+    pieces_BN = stream(params, prompt_ids, key, _NUM_TOKENS.value, _TEMPERATURE.value,
+                       _TOP_K.value)
+    for text in sampling.decode_stream(tokenizer, (piece_BN[0] for piece_BN in pieces_BN)):
+      print(text, end="", flush=True)
     print()
     return
   generate = sampling.make_generate(model_cfg, "naive" if _NAIVE.value else "kv")

@@ -5,14 +5,14 @@ fields that differ, so every run has every field.
 
 Owns: the defaults, every check of a config (alone, against the data, the
 devices, or a checkpoint's saved config). May import: ml_collections, data,
-cpu_tricks, optimizer, errors.
+cpu_tricks, optimizer, tokenizer, errors.
 """
 
 import importlib.util
 
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data, optimizer
+from minigpt_jax import cpu_tricks, data, optimizer, tokenizer
 from minigpt_jax.errors import UserError
 
 MODELS = ("bigram", "gpt")
@@ -38,6 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   # gathered on the host from the arrays or memmaps (batches.py), same windows.
   config.data.on_device = True
   config.data.device_budget_mb = 1024
+  # A folder of launch/prepare.py (train.bin, val.bin, tokenizer.json, meta.json);
+  # wins over path and corpus. Empty: corpus or path, prepared once into a cache.
+  config.data.tokens = ""
+  config.data.tokenizer = "char"  # "char" (the text's characters) | "bpe" (byte-level)
+  config.data.vocab_size = 0  # bpe: tokens, 256 (the bytes) or more; char: 0 (n/a)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "gpt"  # "bigram" | "gpt"
@@ -208,7 +213,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.metrics.wandb_project is {wandb_project!r} but wandb is not "
                     "installed; pip install 'wandb>=0.31,<0.32', or drop "
                     "--config.metrics.wandb_project")
-  if not config.data.path:
+  d = config.data
+  _require(d.tokenizer in tokenizer.KINDS, "data.tokenizer", f"is {d.tokenizer!r}",
+           f"use one of {', '.join(tokenizer.KINDS)}")
+  if d.tokenizer == "bpe":
+    least = tokenizer.min_bpe_vocab()
+    _require(isinstance(d.vocab_size, int) and d.vocab_size >= least, "data.vocab_size",
+             f"is {d.vocab_size!r}, too small for byte-level BPE (the 256 bytes come first)",
+             f"set it to {least} or more")
+  else:
+    _require(d.vocab_size == 0, "data.vocab_size",
+             f"is {d.vocab_size!r} but config.data.tokenizer is 'char' (its vocabulary is "
+             "the text's characters)", "set it to 0, or use --config.data.tokenizer=bpe")
+  if not config.data.path and not config.data.tokens:
     names = data.corpus_names()
     _require(config.data.corpus in names, "data.corpus",
              f"is {config.data.corpus!r}",
@@ -221,7 +238,7 @@ def validate_for_data(config: ml_collections.ConfigDict, train_len: int,
   block = config.model.block_size
   for split, length in (("train", train_len), ("val", val_len)):
     _require(length > block, "model.block_size",
-             f"({block}) is not shorter than the {split} split ({length} characters)",
+             f"({block}) is not shorter than the {split} split ({length} tokens)",
              f"lower block_size below {length} or use a longer text")
 
 
@@ -279,8 +296,9 @@ def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
         f"checkpoint in {where} has config.train.{field}={saved!r} but this config has "
         f"{config.train[field]!r}, which changes the optimizer state's layout; pass "
         f"--config.train.{field}={saved!r} or use a new --workdir")
-  if saved_vocab["chars"] != vocab["chars"]:
+  saved_tok, tok = tokenizer.from_json(saved_vocab), tokenizer.from_json(vocab)
+  if saved_tok != tok:
     raise UserError(
-        f"checkpoint in {where} was trained on a text with a different vocabulary "
-        f"({len(saved_vocab['chars'])} vs {len(vocab['chars'])} characters); "
-        "train on the same corpus or use a new --workdir")
+        f"checkpoint in {where} was trained with a different vocabulary "
+        f"({saved_tok.describe()}) than this run's ({tok.describe()}); train on the same "
+        "corpus and tokenizer (config.data) or use a new --workdir")

@@ -6,9 +6,9 @@ seen. `get_batch` draws them on device from a corpus every device holds;
 `window_starts` and `gather_windows` draw the same windows on the host, from
 numpy arrays or memmaps of any size (see `batches.py`).
 
-Owns: the corpus registry and downloads, `CharTokenizer`, `split`, `get_batch`,
-`window_starts`, `gather_windows`.
-May import: JAX, numpy, errors.
+Owns: the corpus registry and downloads, `split`, `get_batch`, `window_starts`,
+`gather_windows` (`CharTokenizer` moved to tokenizer.py and is re-exported here).
+May import: JAX, numpy, tokenizer, errors.
 """
 
 import functools
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minigpt_jax.errors import UserError
+from minigpt_jax.tokenizer import CharTokenizer  # noqa: F401  (it lived here; still importable)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # registry + cache
 DATA_DIR_ENV = "MINIGPT_DATA_DIR"
@@ -78,6 +79,11 @@ def _download(url: str, dest: Path, name: str, entry: dict) -> Path:
       os.remove(tmp)
 
 
+def corpus_sha256(name: str) -> str:
+  """The sha256 the registry pins for a named corpus."""
+  return _registry()[name]["sha256"]
+
+
 def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
   """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache, then download."""
   registry = _registry()
@@ -114,43 +120,6 @@ def load_text(config) -> tuple[str, str]:
   if config.data.path:
     return read_text(config.data.path), str(config.data.path)
   return read_text(resolve_corpus(config.data.corpus)), config.data.corpus
-
-
-class CharTokenizer:
-  """Character vocabulary: the sorted set of the text's characters (the lecture's)."""
-
-  def __init__(self, chars: str):
-    self.chars = chars
-    self._stoi = {c: i for i, c in enumerate(chars)}
-
-  @classmethod
-  def from_text(cls, text: str) -> "CharTokenizer":
-    return cls("".join(sorted(set(text))))
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.chars)
-
-  def unknown(self, text: str) -> list[str]:
-    """Characters of `text` outside the vocabulary, in order of first use."""
-    return list(dict.fromkeys(c for c in text if c not in self._stoi))
-
-  def encode(self, text: str) -> np.ndarray:
-    missing = self.unknown(text)
-    if missing:
-      raise UserError(f"text has characters outside the vocabulary: {missing!r}; "
-                      "remove them or train on a text that has them")
-    return np.fromiter((self._stoi[c] for c in text), dtype=np.int32, count=len(text))
-
-  def decode(self, ids) -> str:
-    return "".join(self.chars[int(i)] for i in ids)
-
-  def to_json(self) -> dict:
-    return {"chars": self.chars}
-
-  @classmethod
-  def from_json(cls, obj: dict) -> "CharTokenizer":
-    return cls(obj["chars"])
 
 
 def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:

@@ -12,36 +12,36 @@ runs `train.estimate_loss`:
 - or on any text file (`path`), encoded with the checkpoint's tokenizer, as
   one split named "text"; text the tokenizer cannot encode is a UserError.
 
-Bits per character use tokens per character: the corpus's, or that text's
+Bits per character use tokens per character: each split's, or that text's
 (its token count over its character count), so the figure compares across
 tokenizers. The result is a flat dict whose loss fields are named as in
 `metrics.jsonl`'s eval records (`train_loss`, `val_bpc`, ...).
 
 Owns: evaluation of a saved checkpoint. May import: loop, sampling, train,
-data, metrics, errors.
+config, data, metrics, errors.
 """
 
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+import numpy as np
 
-from minigpt_jax import data, loop, sampling
+from minigpt_jax import config as config_lib, data, loop, sampling
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import bits_per_char
 from minigpt_jax.train import TrainState, jit_estimate_loss
 
 
-def _splits(loaded: sampling.Loaded, config, path) -> tuple[dict, float, str]:
-  """({split: ids}, tokens per character, the text's name) to evaluate on."""
+def _splits(loaded: sampling.Loaded, config, path) -> tuple[dict, dict, str]:
+  """({split: ids}, {split: tokens per character}, the text's name) to evaluate on."""
   if path is None:
     corpus = loop.load_corpus(config)
-    if corpus.tokenizer.to_json() != loaded.tokenizer.to_json():
+    if corpus.tokenizer != loaded.tokenizer:
       raise UserError(f"corpus {corpus.name} no longer has the vocabulary the checkpoint "
                       "was trained with; restore the corpus, or pass --path=FILE")
-    return ({"train": corpus.train_ids, "val": corpus.val_ids}, corpus.tokens_per_char,
-            corpus.name)
+    return ({"train": corpus.train_ids, "val": corpus.val_ids},
+            {"train": corpus.train_tokens_per_char, "val": corpus.tokens_per_char}, corpus.name)
   text = data.read_text(path)
   try:
     ids = loaded.tokenizer.encode(text)
@@ -51,7 +51,7 @@ def _splits(loaded: sampling.Loaded, config, path) -> tuple[dict, float, str]:
   if len(ids) <= block:
     raise UserError(f"{path} holds {len(ids)} tokens, not more than the model's block_size "
                     f"({block}); pass a longer text")
-  return {"text": ids}, len(ids) / len(text), str(path)
+  return {"text": ids}, {"text": len(ids) / len(text)}, str(path)
 
 
 def evaluate(workdir: str | Path, step: int | None = None, best: bool = False,
@@ -63,7 +63,8 @@ def evaluate(workdir: str | Path, step: int | None = None, best: bool = False,
   if eval_iters is not None and eval_iters <= 0:
     raise UserError(f"--eval_iters is {eval_iters}; use a positive number of batches")
   loaded = sampling.load_params(workdir, step, best, warn)
-  config = ml_collections.ConfigDict(loaded.config)
+  config = config_lib.get_config()  # a field newer than the checkpoint keeps its default
+  config.update(loaded.config)
   if "metrics" in config:
     config.metrics.wandb_project = ""  # evaluation logs nowhere: no need for wandb
   splits, tokens_per_char, name = _splits(loaded, config, path)
@@ -74,16 +75,16 @@ def evaluate(workdir: str | Path, step: int | None = None, best: bool = False,
                      rng=jax.device_put(jax.random.PRNGKey(config.seed), device),
                      model_cfg=loaded.model_cfg, tx=None)
   losses = jit_estimate_loss(
-      state, {k: jax.device_put(v, device) for k, v in splits.items()},
+      state, {k: jax.device_put(np.asarray(v, np.int32), device) for k, v in splits.items()},
       batch_size=config.train.batch_size, block_size=config.model.block_size,
       eval_iters=eval_iters)
   result = {"workdir": str(workdir), "step": loaded.step, "text": name,
             "eval_iters": eval_iters, "batch_size": config.train.batch_size,
-            "tokens_per_char": round(tokens_per_char, 6)}
+            "tokens_per_char": round(tokens_per_char.get("val", tokens_per_char.get("text")), 6)}
   for split in sorted(losses):
     loss = float(losses[split])
     result[f"{split}_loss"] = loss
-    result[f"{split}_bpc"] = bits_per_char(loss, tokens_per_char)
+    result[f"{split}_bpc"] = bits_per_char(loss, tokens_per_char[split])
   return result
 
 

@@ -30,8 +30,9 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from minigpt_jax import (batches, checkpoint, config as config_lib, cpu_tricks, data, files,
-                         optimizer, parallel, plotting, profiling, sampling, workdir_lock)
+from minigpt_jax import (batches, checkpoint, config as config_lib, cpu_tricks, files,
+                         optimizer, parallel, plotting, profiling, sampling,
+                         tokenizer as tokenizer_lib, tokens, workdir_lock)
 from minigpt_jax.errors import UserError
 from minigpt_jax.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.model import count_params
@@ -76,25 +77,32 @@ def _steps_in_next_call(step: int, config: ml_collections.ConfigDict) -> int:
 
 
 class Corpus(NamedTuple):
-  tokenizer: data.CharTokenizer
+  tokenizer: tokenizer_lib.CharTokenizer | tokenizer_lib.BpeTokenizer
   name: str
-  train_ids: np.ndarray
+  train_ids: np.ndarray  # read-only memmaps of a token folder: uint16 or uint32 ids
   val_ids: np.ndarray
-  tokens_per_char: float = 1.0  # for bits per character; characters are the tokens
+  # Tokens per character of the val (and train) text, for bits per character:
+  # 1.0 for characters; under 1 for BPE, whose losses are per token.
+  tokens_per_char: float = 1.0
+  train_tokens_per_char: float = 1.0
 
 
 def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
-  """Checks `config` against the text, then loads and splits the text.
+  """Checks `config` against the data, then memory-maps its token folder.
 
-  Every user mistake in the config or the data fails here or in `make_mesh`,
-  in one line, before anything compiles.
+  The folder is `config.data.tokens`, or the corpus or path prepared once into
+  the cache (tokens.for_config). Every user mistake in the config or the data
+  fails here or in `make_mesh`, in one line, before anything compiles.
   """
   config_lib.validate(config)
-  text, name = data.load_text(config)
-  tokenizer = data.CharTokenizer.from_text(text)
-  train_ids, val_ids = data.split(tokenizer.encode(text), config.data.train_fraction)
-  config_lib.validate_for_data(config, len(train_ids), len(val_ids))
-  return Corpus(tokenizer, name, train_ids, val_ids)
+  folder, name = tokens.for_config(config)
+  prepared = tokens.open_tokens(folder)
+  if config.data.tokens:
+    tokens.check_against_config(prepared, config, str(folder))
+  config_lib.validate_for_data(config, len(prepared.train), len(prepared.val))
+  return Corpus(prepared.tokenizer, name, prepared.train, prepared.val,
+                tokens_per_char=prepared.tokens_per_char("val"),
+                train_tokens_per_char=prepared.tokens_per_char("train"))
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -248,7 +256,7 @@ class Stopwatch:
 class EndOfRun(NamedTuple):
   """What an `on_end` hook of `train_and_evaluate` gets (process 0 only)."""
   state: TrainState
-  tokenizer: data.CharTokenizer
+  tokenizer: tokenizer_lib.CharTokenizer | tokenizer_lib.BpeTokenizer
   writer: MetricsWriter
   workdir: Path
   summary: dict
@@ -322,7 +330,7 @@ class _Run:
     processes = jax.process_count()
     self.say(f"{start} in {self.workdir}: {c.model.name}, {count_params(self.state.params):,} "
              f"params, vocab {corpus.tokenizer.vocab_size}, corpus {corpus.name} "
-             f"({len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val chars), "
+             f"({len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val tokens), "
              f"{jax.default_backend()} x {self.mesh.devices.size} "
              f"({processes} process{'es' if processes > 1 else ''})")
     self.bar = tqdm.tqdm(total=c.train.steps, initial=self.step, file=sys.stderr, unit="step",
@@ -378,13 +386,15 @@ class _Run:
                    "val_loss": losses["val"], "best_val_loss": self.best[0],
                    "best_step": self.best[1]}
       self.writer.write("eval", self.step, train_loss=losses["train"],
-                        val_loss=losses["val"], train_bpc=self.bpc(losses["train"]),
+                        val_loss=losses["val"], train_bpc=self.bpc(losses["train"], "train"),
                         val_bpc=self.bpc(losses["val"]), wall_s=self.clock.wall_s())
       if self.step > 0:
         checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)
 
-  def bpc(self, loss: float | None) -> float | None:
-    return bits_per_char(loss, self.corpus.tokens_per_char)
+  def bpc(self, loss: float | None, split: str = "val") -> float | None:
+    """Nats per token of a split as bits per character of that split's text."""
+    ratio = self.corpus.train_tokens_per_char if split == "train" else self.corpus.tokens_per_char
+    return bits_per_char(loss, ratio)
 
   def stalled(self) -> bool:
     """Whether val has not improved for `early_stop_evals` evaluations (0: never)."""
@@ -432,7 +442,7 @@ class _Run:
         "val_loss": self.meta.get("val_loss"),
         "best_val_loss": self.best[0],
         "best_step": self.best[1],
-        "train_bpc": self.bpc(self.meta.get("train_loss")),
+        "train_bpc": self.bpc(self.meta.get("train_loss"), "train"),
         "val_bpc": self.bpc(self.meta.get("val_loss")),
         "best_val_bpc": self.bpc(self.best[0]),
         "early_stopped": self.early_stopped,
@@ -548,7 +558,7 @@ def plot_and_sample(end: EndOfRun, sample_tokens: int) -> str | None:
   return text
 
 
-def sample_text(state: TrainState, tokenizer: data.CharTokenizer, num_tokens: int) -> str:
+def sample_text(state: TrainState, tokenizer, num_tokens: int) -> str:
   """The end-of-training sample, on this process' first device alone, from its own stream."""
   params = jax.device_get(state.params)  # replicated: every process has them whole
   generate = sampling.make_generate(state.model_cfg)

@@ -26,7 +26,7 @@ rounding in the logits, which the tests show does not change a token.
 Owns: `make_generate`, `make_stream`, prompt encoding, `load_for_sampling`
 (a checkpoint to (model config, params, tokenizer)) and `load_params` (the
 same with the saved config, for evaluation). May import: model,
-checkpoint, cpu_tricks, data, errors.
+checkpoint, cpu_tricks, tokenizer, errors.
 """
 
 import functools
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from minigpt_jax import checkpoint, cpu_tricks, data
+from minigpt_jax import checkpoint, cpu_tricks, tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_cache, init_params
 
@@ -325,6 +325,25 @@ def make_stream(cfg: ModelConfig, chunk: int = 32):
   return stream
 
 
+def decode_stream(tokenizer, pieces_N):
+  """The text of a stream's id pieces, as it grows: each yield is the new text.
+
+  A byte-level BPE piece can end inside a character's UTF-8 bytes; that
+  character waits for the next piece rather than printing as a replacement.
+  """
+  ids, shown = [], 0
+  for piece_N in pieces_N:
+    ids.extend(int(i) for i in piece_N)
+    text = tokenizer.decode(ids)
+    end = len(text.rstrip("\ufffd")) if tokenizer.kind == "bpe" else len(text)
+    if end > shown:
+      yield text[shown:end]
+      shown = end
+  text = tokenizer.decode(ids)
+  if len(text) > shown:
+    yield text[shown:]
+
+
 def validate_request(num_tokens: int, temperature: float, top_k: int,
                      num_samples: int = 1) -> None:
   """One-line errors for sampling settings that cannot work."""
@@ -340,7 +359,7 @@ def validate_request(num_tokens: int, temperature: float, top_k: int,
 def encode_prompt(tokenizer, prompt: str, num_samples: int = 1):
   """int32 [num_samples, P]; an empty prompt starts from a newline, as the lecture does."""
   if not prompt:
-    prompt = "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
+    prompt = tokenizer.start_text
   missing = tokenizer.unknown(prompt)
   if missing:
     raise UserError(f"prompt has characters outside the model's vocabulary: "
@@ -354,7 +373,7 @@ class Loaded(NamedTuple):
   config: dict  # the run's config, as saved
   model_cfg: ModelConfig
   params: Any  # on this process' first device
-  tokenizer: data.CharTokenizer
+  tokenizer: Any  # tokenizer.CharTokenizer or BpeTokenizer
   step: int
 
 
@@ -393,7 +412,8 @@ def load_params(workdir: str | Path, step: int | None = None, best: bool = False
 
   def load(step):
     config_dict, vocab, _ = checkpoint.restore_json(mngr, step)
-    model_cfg = ModelConfig.from_config(config_dict["model"], len(vocab["chars"]))
+    vocab = tokenizer_lib.from_json(vocab)
+    model_cfg = ModelConfig.from_config(config_dict["model"], vocab.vocab_size)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -412,4 +432,4 @@ def load_params(workdir: str | Path, step: int | None = None, best: bool = False
     step, (config_dict, model_cfg, params, vocab) = checkpoint.restore_newest(mngr, load, warn, candidates,
                                                                  newest_first=not best)
   mngr.close()
-  return Loaded(config_dict, model_cfg, params, data.CharTokenizer.from_json(vocab), step)
+  return Loaded(config_dict, model_cfg, params, vocab, step)

@@ -1,0 +1,409 @@
+"""Prepared token folders: a text tokenized once into `train.bin`/`val.bin`, then memory-mapped.
+
+`prepare(source, out, kind, vocab_size, train_fraction)` writes a folder of
+
+- `train.bin`, `val.bin`: the ids as raw little-endian uint16 (a vocabulary of
+  up to 65536 tokens) or uint32, nanoGPT's layout;
+- `tokenizer.json`: `tokenizer.to_json()`, the form checkpoints save;
+- `meta.json`: the source (name, path, bytes, sha256), the tokenizer, the
+  dtype, `train_fraction`, and the tokens and characters of each split.
+
+It streams: the text is read in chunks of a few MB (an incremental UTF-8
+decoder carries a character cut by a chunk's end), never whole, so memory
+stays flat however long the text is. The first pass hashes the file, counts
+its characters and collects them (a character vocabulary is the sorted set of
+the whole text's characters, as the lecture builds it, so ids are unchanged).
+The split is made on the text, as before: the first `int(train_fraction *
+characters)` characters are train, the rest val, and each side is encoded on
+its own. Characters encode vectorized (UTF-32 code points through a lookup
+table); BPE is trained on the train side only, then both sides are encoded by
+the library's parallel batch encoder, in pieces cut after a newline between
+two non-space characters. The byte-level pre-tokenizer never joins across
+such a cut, so the pieces give exactly the ids of encoding each side whole.
+
+The folder is written under a temporary name and renamed when complete: a
+killed prepare leaves no folder that reads as prepared.
+
+`for_config(config)` is the folder a training config reads: `config.data.tokens`,
+or one prepared on the fly into the cache `<data.DATA_DIR>/tokens/<key>`, the
+key being the source's sha256, the tokenizer settings and `train_fraction`, so
+a second run reuses it. `open_tokens` checks a folder and memory-maps its splits.
+
+Owns: the token folder format, `prepare`, `open_tokens`, the cache.
+May import: numpy, data, tokenizer, errors.
+"""
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from minigpt_jax import data, tokenizer as tokenizer_lib
+from minigpt_jax.errors import UserError
+
+FORMAT = 1
+FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+SPLITS = ("train", "val")
+CHUNK_BYTES = 4 << 20  # read size: memory per chunk is a small multiple of it
+_BPE_PIECE_CHARS = 1 << 16  # the batch encoder's unit of parallel work
+_BPE_MAX_CARRY = 64 << 20  # characters without a safe cut before one is forced
+_UNICODE = 0x110000
+# After a newline between two non-space characters, byte-level BPE's
+# pre-tokenizer starts a new word on both sides, whatever text surrounds them.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def cache_dir() -> Path:
+  """Where `for_config` prepares: beside the corpus cache, wherever data.DATA_DIR points."""
+  return Path(data.DATA_DIR) / "tokens"
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# -- Reading the text in chunks ------------------------------------------------------------
+
+
+class Source(NamedTuple):
+  path: Path
+  name: str  # for logs and meta.json: a corpus name or the path
+
+
+def _check_source(path: Path) -> None:
+  if not path.is_file():
+    raise UserError(f"text file {path} does not exist; check config.data.path or --path")
+  if path.stat().st_size == 0:
+    raise UserError(f"text file {path} is empty; point config.data.path (or --path) at a text")
+
+
+def _chunks(path: Path) -> Iterator[tuple[bytes, str]]:
+  """(raw bytes, decoded text) chunks of a UTF-8 file; one-line error for other bytes."""
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  offset, cr = 0, ""
+  with open(path, "rb") as f:
+    while True:
+      raw = f.read(CHUNK_BYTES)
+      try:
+        text = decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        at = offset - len(decoder.getstate()[0]) + e.start
+        raise UserError(f"text file {path} is not UTF-8 ({e.reason} near byte {at}); "
+                        "convert it to UTF-8") from None
+      offset += len(raw)
+      # Universal newlines, as Path.read_text reads: \r\n and \r become \n; a \r
+      # that ends a chunk waits for the next, which may start with \n.
+      text, cr = cr + text, ""
+      if raw and text.endswith("\r"):
+        text, cr = text[:-1], "\r"
+      if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+      if text or raw:
+        yield raw, text
+      if not raw:
+        return
+
+
+def _codepoints(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+class _Scan(NamedTuple):
+  sha256: str
+  bytes: int
+  chars: int
+  codepoints: np.ndarray  # sorted, the text's distinct characters
+
+
+def _scan(path: Path) -> _Scan:
+  """The first pass: sha256, size, character count and character set, chunk by chunk."""
+  digest, n_bytes, n_chars = hashlib.sha256(), 0, 0
+  seen = np.zeros(_UNICODE, dtype=bool)
+  for raw, text in _chunks(path):
+    digest.update(raw)
+    n_bytes += len(raw)
+    n_chars += len(text)
+    seen[_codepoints(text)] = True
+  return _Scan(digest.hexdigest(), n_bytes, n_chars, np.flatnonzero(seen).astype(np.uint32))
+
+
+def _split_texts(path: Path, n_train: int) -> Iterator[tuple[str, str]]:
+  """(split, text) pieces in file order: the first `n_train` characters are train."""
+  done = 0
+  for _, text in _chunks(path):
+    if done >= n_train:
+      yield "val", text
+    elif done + len(text) <= n_train:
+      yield "train", text
+    else:
+      cut = n_train - done
+      yield "train", text[:cut]
+      yield "val", text[cut:]
+    done += len(text)
+
+
+def _of_split(path: Path, n_train: int, split: str) -> Iterator[str]:
+  for side, text in _split_texts(path, n_train):
+    if side == split and text:
+      yield text
+
+
+def _safe_pieces(texts: Iterator[str]) -> Iterator[list[str]]:
+  """Lists of pieces of the concatenated `texts`, each ending at a `_SAFE_CUT`."""
+  carry, piece_chars = "", _BPE_PIECE_CHARS
+  for text in texts:
+    buf, start, pieces = carry + text, 0, []
+    while (m := _SAFE_CUT.search(buf, start + piece_chars)) is not None:
+      pieces.append(buf[start:m.end()])
+      start = m.end()
+    carry = buf[start:]
+    if len(carry) > _BPE_MAX_CARRY:  # a text without newlines: cut anyway
+      pieces.append(carry)
+      carry = ""
+    if pieces:
+      yield pieces
+  if carry:
+    yield [carry]
+
+
+# -- Writing a folder ----------------------------------------------------------------------
+
+
+class _IdWriter:
+  """Appends ids to a .bin file in `dtype`, refusing an id the dtype cannot hold."""
+
+  def __init__(self, path: Path, dtype: np.dtype):
+    self.path, self.dtype, self.count = path, dtype, 0
+    self._f = open(path, "wb")
+
+  def write(self, ids: np.ndarray) -> None:
+    if ids.size == 0:
+      return
+    top = int(ids.max())
+    if top > np.iinfo(self.dtype).max:
+      raise UserError(f"token id {top} does not fit the {self.dtype.name} of {self.path}; "
+                      "this is a bug in prepare: report it")
+    self._f.write(np.ascontiguousarray(ids, dtype=self.dtype.newbyteorder("<")).tobytes())
+    self.count += ids.size
+
+  def close(self) -> None:
+    self._f.flush()
+    os.fsync(self._f.fileno())
+    self._f.close()
+
+
+def _encode_chars(path: Path, n_train: int, codepoints: np.ndarray, writers: dict) -> None:
+  lut = np.zeros(int(codepoints[-1]) + 1, dtype=np.uint32)  # code point -> id
+  lut[codepoints] = np.arange(len(codepoints), dtype=np.uint32)
+  for split, text in _split_texts(path, n_train):
+    writers[split].write(lut[_codepoints(text)])
+
+
+def _encode_bpe(path: Path, n_train: int, tok: tokenizer_lib.BpeTokenizer,
+                writers: dict) -> None:
+  for split in SPLITS:
+    for pieces in _safe_pieces(_of_split(path, n_train, split)):
+      for ids in tok.encode_batch(pieces):
+        writers[split].write(ids)
+
+
+def _train_bpe(path: Path, n_train: int, vocab_size: int, name: str):
+  pieces = (p for batch in _safe_pieces(_of_split(path, n_train, "train")) for p in batch)
+  return tokenizer_lib.train_bpe(pieces, vocab_size, name)
+
+
+def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
+            train_fraction: float = 0.9, replace_existing: bool = False) -> dict:
+  """Tokenizes `source` into the folder `out` (see the module docstring); returns its meta.
+
+  `out` must not exist yet (or be empty). If another process completes the
+  same folder first (`replace_existing=False` and a complete `out` appears),
+  this one's copy is dropped and that folder is kept.
+  """
+  if kind not in tokenizer_lib.KINDS:
+    raise UserError(f"tokenizer {kind!r} is unknown; use one of "
+                    f"{', '.join(tokenizer_lib.KINDS)}")
+  if kind == "bpe" and vocab_size < tokenizer_lib.min_bpe_vocab():
+    raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE, which starts "
+                    "from the 256 bytes; set vocab_size (--vocab_size, "
+                    f"config.data.vocab_size) to {tokenizer_lib.min_bpe_vocab()} or more")
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise UserError(f"{out} already exists and is not empty; remove it or pick another --out")
+  _check_source(source.path)
+  scan = _scan(source.path)
+  n_train = int(train_fraction * scan.chars)
+  if kind == "char":
+    tok = tokenizer_lib.CharTokenizer("".join(map(chr, scan.codepoints.tolist())))
+  else:
+    tok = _train_bpe(source.path, n_train, vocab_size, source.name)
+  dtype = dtype_for(tok.vocab_size)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    writers = {s: _IdWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
+    try:
+      if kind == "char":
+        _encode_chars(source.path, n_train, scan.codepoints, writers)
+      else:
+        _encode_bpe(source.path, n_train, tok, writers)
+    finally:
+      for w in writers.values():
+        w.close()
+    chars = {"train": n_train, "val": scan.chars - n_train}
+    meta = {
+        "format": FORMAT,
+        "source": {"name": source.name, "path": str(source.path), "bytes": scan.bytes,
+                   "sha256": scan.sha256},
+        "tokenizer": {"kind": kind, "vocab_size": tok.vocab_size,
+                      "requested_vocab_size": vocab_size},
+        "dtype": dtype.name,
+        "train_fraction": train_fraction,
+        **{s: {"tokens": writers[s].count, "chars": chars[s]} for s in SPLITS},
+    }
+    (tmp / "tokenizer.json").write_text(json.dumps(tok.to_json(), ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _commit(tmp, out, replace_existing)
+  except OSError as e:
+    raise UserError(f"could not write the token folder {out}: {e.strerror or e}; free disk "
+                    "space or make the folder writable, then rerun") from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return meta
+
+
+def _commit(tmp: Path, out: Path, replace_existing: bool) -> None:
+  """Renames the finished folder into place; a complete one that raced us in stays."""
+  if out.is_dir() and not any(out.iterdir()):
+    out.rmdir()
+  try:
+    os.rename(tmp, out)
+  except OSError:
+    if replace_existing or not (out / "meta.json").is_file():
+      raise
+
+
+# -- Reading a folder ----------------------------------------------------------------------
+
+
+class Tokens(NamedTuple):
+  tokenizer: tokenizer_lib.CharTokenizer | tokenizer_lib.BpeTokenizer
+  meta: dict
+  train: np.ndarray  # read-only memmaps of uint16 or uint32 ids
+  val: np.ndarray
+
+  def tokens_per_char(self, split: str) -> float:
+    chars = self.meta[split]["chars"]
+    return self.meta[split]["tokens"] / chars if chars else 1.0
+
+
+def _bad(folder: Path, problem: str) -> UserError:
+  return UserError(f"token folder {folder} {problem}; prepare it again with python "
+                   f"launch/prepare.py --corpus=NAME (or --path=FILE) --out={folder}")
+
+
+def open_tokens(folder: str | Path) -> Tokens:
+  """Checks a prepared folder (files, meta, sizes, dtype) and memory-maps its splits."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise UserError(f"token folder {folder} does not exist; check config.data.tokens, or "
+                    f"write it with python launch/prepare.py --corpus=NAME --out={folder}")
+  missing = [f for f in FILES if not (folder / f).is_file()]
+  if missing:
+    raise _bad(folder, f"has no {', '.join(missing)}")
+  try:
+    meta = json.loads((folder / "meta.json").read_text())
+    tok = tokenizer_lib.from_json(json.loads((folder / "tokenizer.json").read_text(
+        encoding="utf-8")))
+    dtype = np.dtype(meta["dtype"])
+    counts = {s: int(meta[s]["tokens"]) for s in SPLITS}
+    [int(meta[s]["chars"]) for s in SPLITS]
+  except (ValueError, KeyError, TypeError, UserError) as e:
+    raise _bad(folder, f"has an unreadable meta.json or tokenizer.json ({type(e).__name__})"
+               ) from None
+  if meta.get("format") != FORMAT:
+    raise _bad(folder, f"has format {meta.get('format')!r}, not {FORMAT}")
+  if dtype.name not in ("uint16", "uint32"):
+    raise _bad(folder, f"has dtype {dtype.name}, neither uint16 nor uint32")
+  if tok.vocab_size > np.iinfo(dtype).max + 1:
+    raise _bad(folder, f"stores a vocabulary of {tok.vocab_size} tokens as {dtype.name}, "
+               f"which holds ids below {np.iinfo(dtype).max + 1} only (an overflow)")
+  if meta["tokenizer"].get("vocab_size") != tok.vocab_size:
+    raise _bad(folder, f"has a tokenizer.json of {tok.vocab_size} tokens where meta.json "
+               f"says {meta['tokenizer'].get('vocab_size')}")
+  arrays = {}
+  for s in SPLITS:
+    path = folder / f"{s}.bin"
+    size, want = path.stat().st_size, counts[s] * dtype.itemsize
+    if size != want:
+      raise _bad(folder, f"has a {s}.bin of {size} bytes where meta.json says {want} "
+                 f"({counts[s]} {dtype.name} tokens)")
+    arrays[s] = (np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if counts[s]
+                 else np.zeros(0, dtype))
+  return Tokens(tok, meta, arrays["train"], arrays["val"])
+
+
+# -- What a training config reads ----------------------------------------------------------
+
+
+def cache_key(sha256: str, kind: str, vocab_size: int, train_fraction: float) -> str:
+  size = f"{vocab_size}" if kind == "bpe" else ""
+  return f"{sha256[:20]}-{kind}{size}-tf{train_fraction!r}"
+
+
+def _file_sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def config_source(config) -> tuple[Source, str]:
+  """The text of `config.data.path` or `.corpus`, and its sha256 (the registry's, if named)."""
+  if config.data.path:
+    path = Path(config.data.path)
+    _check_source(path)
+    return Source(path, str(path)), _file_sha256(path)
+  name = config.data.corpus
+  path = data.resolve_corpus(name)  # checked against the registry's sha256
+  return Source(path, name), data.corpus_sha256(name)
+
+
+def for_config(config) -> tuple[Path, str]:
+  """(token folder, name for logs) that `config` trains on, preparing it into the cache if new."""
+  d = config.data
+  if d.tokens:
+    return Path(d.tokens), str(d.tokens)
+  source, sha = config_source(config)
+  folder = cache_dir() / cache_key(sha, d.tokenizer, d.vocab_size, d.train_fraction)
+  if not (folder / "meta.json").is_file():
+    if folder.is_dir():  # written by hand or by an older layout: not ours to trust
+      raise _bad(folder, "is incomplete (no meta.json)")
+    prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
+  return folder, source.name
+
+
+def check_against_config(tokens: Tokens, config, where: str) -> None:
+  """A folder named by `config.data.tokens` must hold what the config's data fields say."""
+  d, meta = config.data, tokens.meta
+  have = {"tokenizer": meta["tokenizer"]["kind"],
+          "vocab_size": meta["tokenizer"]["vocab_size"] if meta["tokenizer"]["kind"] == "bpe"
+          else 0,
+          "train_fraction": meta["train_fraction"]}
+  differ = {k: v for k, v in have.items() if d[k] != v}
+  if differ:
+    flags = " ".join(f"--config.data.{k}={v}" for k, v in differ.items())
+    first = next(iter(differ))
+    raise UserError(f"token folder {where} has {first}={differ[first]!r} but "
+                    f"config.data.{first} is {d[first]!r}; pass {flags}, or prepare the "
+                    "folder with this config's settings")
