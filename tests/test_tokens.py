@@ -32,9 +32,10 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-  """data.DATA_DIR in a temp folder, so the token cache starts empty."""
-  monkeypatch.setattr(data, "DATA_DIR", tmp_path / "data")
-  return tmp_path / "data" / "tokens"
+  """The token cache (under data.DATA_DIR) in a temp folder, so it starts empty."""
+  assert tokens.cache_dir() == data.DATA_DIR / "tokens"
+  monkeypatch.setattr(tokens, "cache_dir", lambda: tmp_path / "tokens")
+  return tmp_path / "tokens"
 
 
 # --- Characters ---------------------------------------------------------------
