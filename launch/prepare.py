@@ -63,7 +63,7 @@ def main():
         f" characters) into {_OUT.value}: {meta['tokenizer']['kind']}, vocab "
         f"{meta['tokenizer']['vocab_size']}, {meta['train']['tokens']:,} train / "
         f"{meta['val']['tokens']:,} val {meta['dtype']} tokens, {seconds:.1f} s "
-        f"({mb / max(seconds, 1e-9):.0f} MB/s)", file=sys.stderr)
+        f"({mb / max(seconds, 1e-9):.1f} MB/s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,11 @@ def _check_source(path: Path) -> None:
     raise UserError(f"text file {path} is empty; point config.data.path (or --path) at a text")
 
 
-def _chunks(path: Path) -> Iterator[tuple[bytes, str]]:
-  """(raw bytes, decoded text) chunks of a UTF-8 file; one-line error for other bytes."""
+def _chunks(path: Path) -> Iterator[tuple[bytes, str, bool]]:
+  """(raw bytes, decoded text, whether they are the same ASCII) chunks of a UTF-8 file.
+
+  Bytes that are not UTF-8 are a one-line error.
+  """
   decoder = codecs.getincrementaldecoder("utf-8")()
   offset, cr = 0, ""
   with open(path, "rb") as f:
@@ -99,18 +102,22 @@ def _chunks(path: Path) -> Iterator[tuple[bytes, str]]:
       offset += len(raw)
       # Universal newlines, as Path.read_text reads: \r\n and \r become \n; a \r
       # that ends a chunk waits for the next, which may start with \n.
+      same = not cr and raw.isascii() and b"\r" not in raw  # then text is raw, decoded
       text, cr = cr + text, ""
       if raw and text.endswith("\r"):
         text, cr = text[:-1], "\r"
       if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
       if text or raw:
-        yield raw, text
+        yield raw, text, same
       if not raw:
         return
 
 
-def _codepoints(text: str) -> np.ndarray:
+def _codepoints(raw: bytes, text: str, same: bool) -> np.ndarray:
+  """The code points of a chunk's text: its bytes themselves where it is ASCII (fast)."""
+  if same:
+    return np.frombuffer(raw, dtype=np.uint8)
   return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
@@ -125,32 +132,36 @@ def _scan(path: Path) -> _Scan:
   """The first pass: sha256, size, character count and character set, chunk by chunk."""
   digest, n_bytes, n_chars = hashlib.sha256(), 0, 0
   seen = np.zeros(_UNICODE, dtype=bool)
-  for raw, text in _chunks(path):
+  for raw, text, same in _chunks(path):
     digest.update(raw)
     n_bytes += len(raw)
     n_chars += len(text)
-    seen[_codepoints(text)] = True
+    seen[_codepoints(raw, text, same)] = True
   return _Scan(digest.hexdigest(), n_bytes, n_chars, np.flatnonzero(seen).astype(np.uint32))
 
 
-def _split_texts(path: Path, n_train: int) -> Iterator[tuple[str, str]]:
-  """(split, text) pieces in file order: the first `n_train` characters are train."""
+def _split_texts(path: Path, n_train: int, codepoints: bool = False):
+  """(split, piece) in file order, the first `n_train` characters being train.
+
+  A piece is text, or with `codepoints` the array of its code points.
+  """
   done = 0
-  for _, text in _chunks(path):
+  for raw, text, same in _chunks(path):
+    piece = _codepoints(raw, text, same) if codepoints else text
     if done >= n_train:
-      yield "val", text
+      yield "val", piece
     elif done + len(text) <= n_train:
-      yield "train", text
+      yield "train", piece
     else:
       cut = n_train - done
-      yield "train", text[:cut]
-      yield "val", text[cut:]
+      yield "train", piece[:cut]
+      yield "val", piece[cut:]
     done += len(text)
 
 
 def _of_split(path: Path, n_train: int, split: str) -> Iterator[str]:
   for side, text in _split_texts(path, n_train):
-    if side == split and text:
+    if side == split and len(text):
       yield text
 
 
@@ -185,11 +196,12 @@ class _IdWriter:
   def write(self, ids: np.ndarray) -> None:
     if ids.size == 0:
       return
-    top = int(ids.max())
-    if top > np.iinfo(self.dtype).max:
-      raise UserError(f"token id {top} does not fit the {self.dtype.name} of {self.path}; "
-                      "this is a bug in prepare: report it")
-    self._f.write(np.ascontiguousarray(ids, dtype=self.dtype.newbyteorder("<")).tobytes())
+    if ids.dtype.itemsize > self.dtype.itemsize:  # a wider id may not fit
+      top = int(ids.max())
+      if top > np.iinfo(self.dtype).max:
+        raise UserError(f"token id {top} does not fit the {self.dtype.name} of {self.path}; "
+                        "this is a bug in prepare: report it")
+    self._f.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype.newbyteorder("<"))))
     self.count += ids.size
 
   def close(self) -> None:
@@ -199,10 +211,11 @@ class _IdWriter:
 
 
 def _encode_chars(path: Path, n_train: int, codepoints: np.ndarray, writers: dict) -> None:
-  lut = np.zeros(int(codepoints[-1]) + 1, dtype=np.uint32)  # code point -> id
-  lut[codepoints] = np.arange(len(codepoints), dtype=np.uint32)
-  for split, text in _split_texts(path, n_train):
-    writers[split].write(lut[_codepoints(text)])
+  dtype = writers["train"].dtype
+  lut = np.zeros(max(int(codepoints[-1]) + 1, 256), dtype=dtype)  # code point -> id
+  lut[codepoints] = np.arange(len(codepoints), dtype=dtype)
+  for split, codes in _split_texts(path, n_train, codepoints=True):
+    writers[split].write(lut[codes])
 
 
 def _encode_bpe(path: Path, n_train: int, tok: tokenizer_lib.BpeTokenizer,

@@ -18,8 +18,8 @@ SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
                   "--config.train.warmup_steps=0"]  # the recipes' warmup outlasts 2 steps
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
-ORDER = ("import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py", "sample.py",
-         "evaluate.py")
+ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py",
+         "sample.py", "evaluate.py")
 
 
 def readme_commands() -> list[list[str]]:
@@ -89,6 +89,13 @@ def _nanogpt_ckpt(text: str) -> dict:
 def _shrunk(args, tmp_path, workdirs):
   """The command with tmp workdirs and files, at a size that runs in seconds."""
   script = _script(args)
+  if script == "prepare.py":  # a token folder, which a train.py command may name
+    out = _flag(args, "out")
+    workdirs[out] = tmp_path / f"tokens_{Path(out).name}"
+    return _replace(args, "out", workdirs[out])
+  tokens = _flag(args, "config.data.tokens")
+  if tokens is not None:
+    args = _replace(args, "config.data.tokens", workdirs[tokens])
   if script in ("train.py", "import_torch.py", "sweep.py"):
     workdir = _flag(args, "workdir")
     workdirs[workdir] = tmp_path / Path(workdir).name
