@@ -136,7 +136,11 @@ def _scan(path: Path) -> _Scan:
     digest.update(raw)
     n_bytes += len(raw)
     n_chars += len(text)
-    seen[_codepoints(raw, text, same)] = True
+    if same:  # ASCII: only bytes not seen yet need a look, and bytes.translate finds them
+      new = raw.translate(None, np.flatnonzero(seen[:128]).astype(np.uint8).tobytes())
+      seen[np.unique(np.frombuffer(new, dtype=np.uint8))] = True
+    else:
+      seen[_codepoints(raw, text, same)] = True
   return _Scan(digest.hexdigest(), n_bytes, n_chars, np.flatnonzero(seen).astype(np.uint32))
 
 
@@ -214,8 +218,13 @@ def _encode_chars(path: Path, n_train: int, codepoints: np.ndarray, writers: dic
   dtype = writers["train"].dtype
   lut = np.zeros(max(int(codepoints[-1]) + 1, 256), dtype=dtype)  # code point -> id
   lut[codepoints] = np.arange(len(codepoints), dtype=dtype)
+  # ASCII bytes to ids in one bytes.translate pass, when every id fits a byte.
+  table = lut[:256].astype(np.uint8).tobytes() if len(codepoints) <= 256 else None
   for split, codes in _split_texts(path, n_train, codepoints=True):
-    writers[split].write(lut[codes])
+    if codes.dtype == np.uint8 and table is not None:
+      writers[split].write(np.frombuffer(codes.tobytes().translate(table), dtype=np.uint8))
+    else:
+      writers[split].write(lut[codes])
 
 
 def _encode_bpe(path: Path, n_train: int, tok: tokenizer_lib.BpeTokenizer,

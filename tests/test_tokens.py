@@ -56,11 +56,16 @@ def test_char_folder_holds_todays_ids_and_vocabulary(tmp_path, small_chunks):
   assert json.loads((tmp_path / "char" / "tokenizer.json").read_text()) == old.to_json()
 
 
-def test_chunks_carry_utf8_characters_and_newlines_across_their_ends(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text,sizes", [
+    ("naïve ü😀 é\r\nline\rx\r\n" * 40 + "€" * 30, (1, 2, 3, 5, 7)),
+    ("plain ascii lines\n" * 30 + "".join(map(chr, range(0x400, 0x500))) + "end\n" * 30,
+     (64,)),  # over 256 characters: ASCII chunks through the lookup table
+])
+def test_chunks_carry_utf8_characters_and_newlines_across_their_ends(tmp_path, monkeypatch,
+                                                                     text, sizes):
   """A character or a \\r\\n cut by a chunk's end reads as Path.read_text reads it."""
-  text = "naïve ü😀 é\r\nline\rx\r\n" * 40 + "€" * 30
   source = _source(tmp_path, text)
-  for size in (1, 2, 3, 5, 7):
+  for size in sizes:
     monkeypatch.setattr(tokens, "CHUNK_BYTES", size)
     tokens.prepare(source, tmp_path / f"c{size}")
     whole = data.read_text(source.path)  # universal newlines
