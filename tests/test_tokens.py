@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_one_line_error
-from minigpt_jax import config as config_lib, data, loop, sampling, tokenizer, tokens
+from minigpt_jax import config as config_lib, data, evaluate, loop, sampling, tokenizer, tokens
 from minigpt_jax.errors import UserError
 
 
@@ -174,6 +174,12 @@ def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_p
                                      4)
   assert summary["train_bpc"] == round(
       summary["train_loss"] * corpus.train_tokens_per_char / math.log(2), 4)
+  # Evaluation of the checkpoint gives the run's own numbers, bits per character included.
+  record = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text()
+                           .splitlines()) if r["kind"] == "eval"][-1]
+  result = evaluate.evaluate(tmp_path / "run")
+  assert {k: result[k] for k in ("train_bpc", "val_bpc")} == {
+      k: record[k] for k in ("train_bpc", "val_bpc")}
   # The checkpoint carries the tokenizer: sampling decodes with it, any prompt encodes.
   model_cfg, params, tok, _ = sampling.load_for_sampling(tmp_path / "run")
   assert tok == corpus.tokenizer and model_cfg.vocab_size == 300
