@@ -411,7 +411,11 @@ def for_config(config) -> tuple[Path, str]:
   if not (folder / "meta.json").is_file():
     if folder.is_dir():  # written by hand or by an older layout: not ours to trust
       raise _bad(folder, "is incomplete (no meta.json)")
-    prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
+    try:
+      prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
+    except UserError:
+      if not (folder / "meta.json").is_file():  # else another process got there first
+        raise
   return folder, source.name
 
 
