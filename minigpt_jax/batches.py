@@ -5,7 +5,7 @@ the ids go to every device once and the compiled step draws its own batch.
 On the host (`config.data.on_device=False`, a corpus past the budget, or
 past 2**31 tokens): each call's windows are drawn with the same keys
 (`train.batch_keys`, `data.window_starts`), gathered in numpy from the
-arrays (np.memmap of a token file: only the windows' pages are read), each
+arrays (a token file's np.memmap: only the windows are read, with pread), each
 process gathering only the rows of the global batch its devices hold, and
 assembled with `jax.make_array_from_process_local_data`. Both give the same
 windows, so the same losses.
@@ -19,7 +19,6 @@ May import: JAX, numpy, data, train, parallel.
 """
 
 import concurrent.futures
-import mmap
 
 import jax
 import numpy as np
@@ -90,18 +89,6 @@ _batch_keys = jax.jit(train.batch_keys, static_argnums=2)
 _eval_keys = jax.jit(train.eval_keys, static_argnums=(2, 3))
 
 
-def _read_randomly(ids_N) -> None:
-  """Tells the kernel an np.memmap is read at random, so a window's page fault reads that
-  page alone: with the default readahead (often megabytes) 50 steps read most of a
-  2 GB file into the page cache, and into this process's RSS."""
-  mapping = getattr(ids_N, "_mmap", None)  # np.memmap's mapping, shared by its slices
-  if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
-    try:
-      mapping.madvise(mmap.MADV_RANDOM)
-    except (OSError, ValueError):  # only a hint
-      pass
-
-
 def _host_device() -> jax.Device:
   """Where the keys and starts are computed: this process's CPU, off the accelerator's queue."""
   try:
@@ -118,8 +105,6 @@ class HostBatches:
   def __init__(self, splits: dict, mesh: Mesh, rng: jax.Array, batch_size: int,
                block_size: int, eval_iters: int, grad_accum_steps: int, prefetch: bool = True):
     self.splits = splits
-    for ids_N in splits.values():
-      _read_randomly(ids_N)
     self.B, self.T, self.eval_iters = batch_size, block_size, eval_iters
     self.sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # [K, B, T+1]
     self.rows = local_rows(self.sharding, (1, batch_size, block_size + 1), 1)
