@@ -3,10 +3,10 @@
   python launch/train.py --config=configs/frost_best.py --workdir=runs/frost_best
 
 frost_cpu's model (4 layers, 4 heads, width 128 here) with a 128-character
-context, batch 32, dropout 0.2, and a research recipe: Muon (0.03) for the
-blocks' matrices and AdamW (3e-3) for the rest, 100 warmup steps, cosine to a
-tenth over 1000 steps, beta2 0.99, weight decay 0.1 on matrices, clipping at
-1.0. An evaluation every 100 steps, and early stopping after 3 without a new
+context, batch 32, and a research recipe: rotary positions, GELU, a head tied
+to the embedding, dropout 0.35; Muon (0.03) for the blocks' matrices and AdamW
+(3e-3) for the rest, 100 warmup steps, cosine to a tenth over 1150 steps,
+beta2 0.99, weight decay 0.1 on matrices, clipping at 1.0. An evaluation every 100 steps, and early stopping after 3 without a new
 best, keep the run from the over-fitting that frost_cpu and frost_t4 end in.
 Measured figures: README "Recipes".
 """
@@ -18,8 +18,8 @@ def get_config():
   config = base_config()
   config.data.corpus = "frost"
   config.model.update(name="gpt", block_size=128, n_embed=128, n_heads=4, n_layer=4,
-                      dropout=0.2)
-  config.train.update(batch_size=32, steps=1000, optimizer="muon", muon_learning_rate=0.03,
+                      dropout=0.35, position="rope", activation="gelu", tie_embeddings=True)
+  config.train.update(batch_size=32, steps=1150, optimizer="muon", muon_learning_rate=0.03,
                       learning_rate=3e-3, schedule="cosine", warmup_steps=100,
                       min_learning_rate=3e-4, beta2=0.99, weight_decay=0.1,
                       weight_decay_on="matrices", grad_clip=1.0, eval_interval=100,
