@@ -99,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, compile_cache_default=False)
