@@ -26,13 +26,23 @@ import numpy as np
 
 from minigpt_jax.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # registry + cache
+REGISTRY = Path(__file__).resolve().parent / "corpora.json"  # package data
 DATA_DIR_ENV = "MINIGPT_DATA_DIR"
+
+
+def download_dir() -> Path:
+  """Where downloaded corpora are kept: the user's cache folder, never the package.
+
+  `$XDG_CACHE_HOME/minigpt_jax/corpora`, by default `~/.cache/minigpt_jax/corpora`,
+  so an installed package (site-packages) and a checkout stay read-only.
+  """
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base).expanduser() / "minigpt_jax" / "corpora"
 
 
 @functools.cache
 def _registry() -> dict:
-  return json.loads((DATA_DIR / "corpora.json").read_text())
+  return json.loads(REGISTRY.read_text())
 
 
 def corpus_names() -> list[str]:
@@ -78,8 +88,8 @@ def _download(url: str, dest: Path, name: str, entry: dict) -> Path:
       os.remove(tmp)
 
 
-def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
-  """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache, then download."""
+def resolve_corpus(name: str, cache_dir: Path | None = None) -> Path:
+  """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache (`download_dir()`), then download."""
   registry = _registry()
   if name not in registry:
     raise UserError(f"unknown corpus {name!r}; use one of {', '.join(sorted(registry))}"
@@ -88,7 +98,7 @@ def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
   env_dir = os.environ.get(DATA_DIR_ENV)
   if env_dir and (Path(env_dir) / entry["file"]).is_file():
     return _checked(Path(env_dir) / entry["file"], name, entry)
-  cached = Path(cache_dir) / entry["file"]
+  cached = Path(cache_dir if cache_dir is not None else download_dir()) / entry["file"]
   if cached.is_file():
     return _checked(cached, name, entry)
   return _download(entry["url"], cached, name, entry)
