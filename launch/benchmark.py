@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-import _preamble  # first: the repo on sys.path
+import _preamble  # first: the installed package, or one error line
 
 _preamble.start(__name__)  # before JAX loads: the process may restart
 

@@ -2,7 +2,7 @@
 
 A launcher's start-up is mostly XLA compiling the same few programs (the
 train step, the KV decoder) that the last run compiled; with the cache on,
-a second run loads them from disk instead (README "Start-up").
+a second run loads them from disk instead (README "Compile cache": figures).
 
 Where: `$MINIGPT_CACHE_DIR`, else `$XDG_CACHE_HOME/minigpt_jax/xla` (by
 default `~/.cache/minigpt_jax/xla`); JAX's own `JAX_COMPILATION_CACHE_DIR`
@@ -17,7 +17,10 @@ minimum. JAX's `JAX_PERSISTENT_CACHE_MIN_*` environment variables win.
 Multi-process runs: JAX itself writes cache entries from process 0 only
 (`jax._src.compiler._cache_write`), and the launchers join the run
 (`parallel.initialize_distributed`) before anything compiles, so the other
-processes only read.
+processes only read (tests/test_parallel.py gives each process a folder of
+its own and finds process 1's empty). On an x86 CPU, XLA:CPU checks an
+entry's machine features when it loads one; tests/test_launch.py checks
+that the KV decoder's entry is a hit on the second run.
 
 Owns: turning the cache on or off, and its folder. May import: the standard
 library; it sets JAX's options through `sys.modules` or the environment.
