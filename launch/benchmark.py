@@ -11,8 +11,13 @@ GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
 (from a 1-token prompt, compile excluded), peak_memory_bytes and
 peak_memory_source ("device" or "host_rss"), and extras (devices, vocab_size,
 dtype, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
-repeats, jax_version, and huge_pages: whether malloc had transparent huge
-pages, see minigpt_jax/hugepages.py).
+repeats, huge_pages: whether malloc had transparent huge pages, see
+minigpt_jax/hugepages.py, and compile_cache: whether compile_s was a load
+from the persistent compilation cache's folder, off here unless
+--compile_cache=true), and the machine: cpu_model, cpu_extensions (its
+vector and matrix units: avx2, avx512*, amx*, ...; empty where the OS does not
+say), cpu_cores (those this process may use), jax_version, jaxlib_version and
+torch_version (null without torch).
 
 --compare-torch then runs ../shared/bench/torch_ref.py with the config's preset
 (or --torch_preset) on the same corpus, steps and sample length, and adds to
@@ -28,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-import _preamble  # first: the repo on sys.path
+import _preamble  # first: the installed package, or one error line
 
 _preamble.start(__name__)  # before JAX loads: the process may restart
 
@@ -99,4 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, compile_cache_default=False)

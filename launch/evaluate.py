@@ -14,7 +14,7 @@ to stderr.
 import json
 import sys
 
-import _preamble  # first: the repo on sys.path
+import _preamble  # first: the installed package, or one error line
 
 _preamble.start(__name__)  # before JAX loads: the process may restart
 

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-import _preamble  # noqa: F401  first: the repo on sys.path
+import _preamble  # noqa: F401  first: the installed package, or one error line
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

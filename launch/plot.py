@@ -11,7 +11,7 @@ format (.png, .pdf, .svg).
 
 import sys
 
-import _preamble  # noqa: F401  first: the repo on sys.path
+import _preamble  # noqa: F401  first: the installed package, or one error line
 
 from absl import flags  # noqa: E402
 

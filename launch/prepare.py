@@ -17,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import _preamble  # noqa: F401  first: the repo on sys.path
+import _preamble  # noqa: F401  first: the installed package, or one error line
 
 from absl import flags  # noqa: E402
 
 from minigpt_jax import cli, config as config_lib, data, tokenizer, tokens  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
-_CORPUS = flags.DEFINE_string("corpus", None, "A corpus name of data/corpora.json.")
+_CORPUS = flags.DEFINE_string("corpus", None, "A corpus name of minigpt_jax/corpora.json.")
 _PATH = flags.DEFINE_string("path", None, "Or any UTF-8 text file.")
 _TOKENIZER = flags.DEFINE_enum("tokenizer", "char", list(tokenizer.KINDS),
                                "char: the text's sorted characters; bpe: byte-level BPE.")

@@ -8,7 +8,7 @@ runs and resumes the unfinished one. At the end it prints the runs by best val
 loss and writes results.json, results.md and curves.png into --workdir.
 """
 
-import _preamble  # first: the repo on sys.path
+import _preamble  # first: the installed package, or one error line
 
 _preamble.start(__name__)  # before JAX loads: the process may restart
 

@@ -10,7 +10,7 @@ where JAX finds them itself (Slurm, TPU VMs); see README "More than one device".
 
 import sys
 
-import _preamble  # first: the repo on sys.path
+import _preamble  # first: the installed package, or one error line
 
 _preamble.start(__name__)  # before JAX loads: the process may restart
 

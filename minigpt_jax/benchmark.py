@@ -5,16 +5,23 @@ and the choice of what to run live in the launcher. Timings are steady state:
 compilation and a warm-up call come first, and each timed stretch ends with
 `jax.block_until_ready`, so asynchronous dispatch cannot hide work.
 
+`machine` names what ran it (CPU model and vector extensions, cores, library
+versions), so ratios from different machines can be told apart.
+
 `run_torch_ref` runs the PyTorch reference (shared/bench/torch_ref.py) in a
 subprocess on the same corpus, so `compare` can put the two side by side.
 
-Owns: timing of training and decoding, FLOP counts, the torch_ref comparison.
+Owns: timing of training and decoding, FLOP counts, the machine's description,
+the torch_ref comparison.
 May import: train, sampling, model, parallel, cpu_tricks, data, hugepages.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import math
+import os
+import platform
 import re
 import resource
 import statistics
@@ -155,6 +162,47 @@ def measure_sampling(model_cfg: ModelConfig, params, num_tokens: int, seed: int 
   return speeds
 
 
+# CPU flags that decide how fast XLA's and PyTorch's CPU kernels can be: x86
+# vector and matrix units (AVX, AVX2, FMA, AVX-512, AMX), Arm's NEON and SVE.
+_VECTOR_FLAG = re.compile(r"^(avx\w*|fma|amx\w*|asimd\w*|sve\w*)$")
+
+
+def cpu_info(cpuinfo: str) -> tuple[str | None, list[str]]:
+  """(model name, sorted vector extensions) from the text of /proc/cpuinfo."""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if sep:
+      fields.setdefault(key.strip(), value.strip())  # the first CPU's
+  model = fields.get("model name") or fields.get("Model") or fields.get("cpu model")
+  flags = (fields.get("flags") or fields.get("Features") or "").split()
+  return model or None, sorted(f for f in set(flags) if _VECTOR_FLAG.match(f))
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
+  """What ran a benchmark: CPU model, its vector extensions, cores, library versions.
+
+  Off Linux (no /proc/cpuinfo) the model is `platform.processor()` or None
+  and the extensions an empty list. torch_version is None without torch;
+  torch_ref runs on this Python, so it is the torch of `--compare-torch`.
+  """
+  try:
+    model, extensions = cpu_info(cpuinfo_path.read_text())
+  except OSError:
+    model, extensions = platform.processor() or None, []
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"cpu_model": model, "cpu_extensions": extensions, "cpu_cores": cores,
+          "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
+          "torch_version": _version("torch")}
+
+
 def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -> dict:
   """One full measurement of ours: training, sampling, FLOPs and memory."""
   trained = measure_train(config, steps)
@@ -188,8 +236,11 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       **speeds,
       "peak_memory_bytes": memory,
       "peak_memory_source": memory_source,
-      "jax_version": jax.__version__,
+      **machine(),
       "huge_pages": hugepages.enabled(),
+      # compile_s is a cache load where this is true (launch/benchmark.py: off by default)
+      "compile_cache": bool(jax.config.jax_enable_compilation_cache
+                            and jax.config.jax_compilation_cache_dir),
   }
 
 

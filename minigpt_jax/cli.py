@@ -1,11 +1,16 @@
-"""What every launcher shares: quiet logs, flag parsing, one-line errors.
+"""What every launcher shares: quiet logs, flag parsing, one-line errors, the compile cache.
 
 A user mistake (bad flag, bad config, missing file, bad prompt) ends the
 program with exit status 2 and a single `error: ...` line on stderr, never a
 traceback. Ctrl-C ends it with status 130 after the loop has saved its work.
 
-Owns: flag parsing and the error and exit-status policy of the launchers.
-May import: absl, errors; nothing that loads JAX.
+`--compile_cache` (every launcher has it; on by default, off by default in
+benchmark.py, which times compilation) turns on JAX's persistent compilation
+cache, see minigpt_jax/compile_cache.py.
+
+Owns: flag parsing, the `--compile_cache` flag, and the error and exit-status
+policy of the launchers. May import: absl, errors, compile_cache; nothing that
+loads JAX at import.
 """
 
 import logging
@@ -15,9 +20,14 @@ from pathlib import Path
 
 from absl import flags
 
+from minigpt_jax import compile_cache
 from minigpt_jax.errors import UserError
 
 USER_ERROR_STATUS = 2
+
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compile_cache", True, "Keep compiled programs on disk for the next run, in "
+    f"${compile_cache.DIR_ENV} or else ~/.cache/minigpt_jax/xla (false: compile afresh).")
 
 
 def _quiet_libraries() -> None:
@@ -70,13 +80,15 @@ def _check_config_files() -> None:
       raise UserError(f"config file {path} could not be loaded: {e}") from None
 
 
-def run(main, argv=None) -> None:
-  """Parses absl flags, calls `main()`, and turns user errors into one line."""
+def run(main, argv=None, compile_cache_default: bool = True) -> None:
+  """Parses absl flags, turns the compile cache on or off, calls `main()`, and
+  turns user errors into one line."""
   _quiet_libraries()
   argv = sys.argv if argv is None else argv
+  flags.FLAGS.set_default("compile_cache", compile_cache_default)
   if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
     print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nflags:\n" +
-          flags.FLAGS.main_module_help())
+          flags.FLAGS.main_module_help() + "\n" + flags.FLAGS.module_help(__name__))
     sys.exit(0)
   try:
     flags.FLAGS(argv)
@@ -92,6 +104,10 @@ def run(main, argv=None) -> None:
     _fail(_unknown_field(argv, str(e).strip("\"'")))
   except UserError as e:
     _fail(e)
+  if _COMPILE_CACHE.value:
+    compile_cache.enable()
+  else:
+    compile_cache.disable()
   try:
     main()
   except UserError as e:

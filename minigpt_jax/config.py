@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 1337  # root PRNG seed: init, batches, dropout, eval batches
 
   config.data = ml_collections.ConfigDict()
-  config.data.corpus = "frost"  # a name in data/corpora.json
+  config.data.corpus = "frost"  # a name in minigpt_jax/corpora.json
   config.data.path = ""  # any UTF-8 text file; wins over `corpus` when set
   config.data.train_fraction = 0.9  # the rest is the validation split
   # Batches are drawn on device from ids every device holds, unless on_device

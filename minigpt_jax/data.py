@@ -28,13 +28,26 @@ import numpy as np
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CharTokenizer  # noqa: F401  (it lived here; still importable)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # registry + cache
+REGISTRY = Path(__file__).resolve().parent / "corpora.json"  # package data
 DATA_DIR_ENV = "MINIGPT_DATA_DIR"
+
+
+def user_cache_dir() -> Path:
+  """The project's folder in the user's cache: `$XDG_CACHE_HOME/minigpt_jax`, by
+  default `~/.cache/minigpt_jax`, so an installed package (site-packages) and a
+  checkout stay read-only."""
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base).expanduser() / "minigpt_jax"
+
+
+def download_dir() -> Path:
+  """Where downloaded corpora are kept: `user_cache_dir()/corpora`, never the package."""
+  return user_cache_dir() / "corpora"
 
 
 @functools.cache
 def _registry() -> dict:
-  return json.loads((DATA_DIR / "corpora.json").read_text())
+  return json.loads(REGISTRY.read_text())
 
 
 def corpus_names() -> list[str]:
@@ -85,8 +98,8 @@ def corpus_sha256(name: str) -> str:
   return _registry()[name]["sha256"]
 
 
-def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
-  """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache, then download."""
+def resolve_corpus(name: str, cache_dir: Path | None = None) -> Path:
+  """Path of a named corpus: $MINIGPT_DATA_DIR, then the cache (`download_dir()`), then download."""
   registry = _registry()
   if name not in registry:
     raise UserError(f"unknown corpus {name!r}; use one of {', '.join(sorted(registry))}"
@@ -95,7 +108,7 @@ def resolve_corpus(name: str, cache_dir: Path = DATA_DIR) -> Path:
   env_dir = os.environ.get(DATA_DIR_ENV)
   if env_dir and (Path(env_dir) / entry["file"]).is_file():
     return _checked(Path(env_dir) / entry["file"], name, entry)
-  cached = Path(cache_dir) / entry["file"]
+  cached = Path(cache_dir if cache_dir is not None else download_dir()) / entry["file"]
   if cached.is_file():
     return _checked(cached, name, entry)
   return _download(entry["url"], cached, name, entry)

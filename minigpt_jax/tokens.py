@@ -25,7 +25,7 @@ The folder is written under a temporary name and renamed when complete: a
 killed prepare leaves no folder that reads as prepared.
 
 `for_config(config)` is the folder a training config reads: `config.data.tokens`,
-or one prepared on the fly into the cache `<data.DATA_DIR>/tokens/<key>`, the
+or one prepared on the fly into the cache `~/.cache/minigpt_jax/tokens/<key>` (`cache_dir()`), the
 key being the source's sha256, the tokenizer settings and `train_fraction`, so
 a second run reuses it. `open_tokens` checks a folder and memory-maps its splits.
 
@@ -60,8 +60,8 @@ _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 def cache_dir() -> Path:
-  """Where `for_config` prepares: beside the corpus cache, wherever data.DATA_DIR points."""
-  return Path(data.DATA_DIR) / "tokens"
+  """Where `for_config` prepares: beside the downloaded corpora, in the user's cache."""
+  return data.user_cache_dir() / "tokens"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:

@@ -1,20 +1,31 @@
-"""Shared fixtures: the repo on sys.path, local corpora, a tiny config, a one-line-error check."""
+"""Shared fixtures: local corpora, an isolated compile cache, a tiny config, a one-line-error check.
+
+Run from the repo root (`python -m pytest -q tests`), which puts the root on
+sys.path for this process. The launchers the tests start as subprocesses
+import the package from PYTHONPATH, set here to the same root, so they run
+the code under test even where another copy of the package is installed.
+"""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-_SHARED = ROOT.parent / "shared" / "corpora"
-if "MINIGPT_DATA_DIR" not in os.environ and _SHARED.is_dir():
-  os.environ["MINIGPT_DATA_DIR"] = str(_SHARED)
-# Compiled programs persist across tests and the CLI subprocesses they start.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+# Corpora: $MINIGPT_DATA_DIR when set (CI: ../shared/corpora), else each
+# corpus's pinned download (minigpt_jax/data.py), kept in the user's cache.
+# Compiled programs persist across tests and the CLI subprocesses they start,
+# in a cache of their own, whatever $MINIGPT_CACHE_DIR the user has.
+_CACHE = str(ROOT / ".pytest_cache" / "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Torch reference of ../shared/bench, beside a checkout; the tests that need it skip without it.
+TORCH_REF = ROOT.parent / "shared" / "bench" / "torch_ref.py"
+needs_torch_ref = pytest.mark.skipif(not TORCH_REF.is_file(),
+                                     reason=f"{TORCH_REF} is not beside this repo")
 
 
 def assert_one_line_error(result, *needles):

@@ -26,11 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+from conftest import TINY_FLAGS, config_from_flags  # tests/, this script's folder
 
-from conftest import TINY_FLAGS, config_from_flags  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 FLAGS = TINY_FLAGS + ["--config.checkpoint.keep=2"]  # eval_interval: set per soak
 KINDS = ("launch", "training", "save")
 _START_LINE = ("training from scratch", "resuming from step")

@@ -150,8 +150,7 @@ def test_host_memmap_run_resumed_equals_the_device_run_exactly(tiny_config, tmp_
 
 _FOUR_DEVICES = """
 import json, sys
-sys.path[:0] = ["tests", "."]
-from conftest import tiny
+from tests.conftest import tiny  # run from the repo root
 from configs import frost_cpu
 from minigpt_jax import loop
 out = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, needs_torch_ref
 from minigpt_jax import benchmark, hugepages
 from minigpt_jax.model import ModelConfig
 
@@ -20,7 +20,9 @@ FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size",
           "batch_size", "block_size", "steps", "steps_per_dispatch", "sample_tokens",
           "compile_s", "steps_per_s", "tokens_per_s", "flops_per_token", "achieved_flops", "mfu",
           "sample_naive_tok_per_s", "sample_kv_tok_per_s", "sample_kv_batch16_tok_per_s",
-          "peak_memory_bytes", "peak_memory_source", "jax_version", "huge_pages", "repeats"}
+          "peak_memory_bytes", "peak_memory_source", "huge_pages", "compile_cache", "repeats",
+          "cpu_model", "cpu_extensions", "cpu_cores", "jax_version", "jaxlib_version",
+          "torch_version"}
 RATIOS = ("train_speedup", "sample_kv_speedup_vs_torch_naive",
           "sample_naive_speedup_vs_torch_naive")
 TORCH_FIELDS = {"torch_preset", "torch_impl", "torch_threads", "torch_params",
@@ -57,6 +59,34 @@ def test_cli_prints_one_json_line_with_the_documented_fields():
   assert out["mfu"] is None  # no known peak on CPU
   assert out["peak_memory_source"] == "host_rss"
   assert out["huge_pages"] is hugepages.available()  # the launcher restarted itself with them
+  assert out["compile_cache"] is False  # compile_s is a compilation, not a cache load
+  assert out["cpu_cores"] >= 1 and isinstance(out["cpu_extensions"], list)
+  assert isinstance(out["jaxlib_version"], str)
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx_vnni amx_tile amx_bf16 aes
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx_vnni amx_tile amx_bf16 aes
+"""
+
+
+def test_cpu_info_names_the_model_and_its_vector_extensions():
+  assert benchmark.cpu_info(_CPUINFO) == (
+      "Intel(R) Xeon(R) Platinum 8480+",
+      ["amx_bf16", "amx_tile", "avx", "avx2", "avx512bw", "avx512f", "avx_vnni", "fma"])
+  assert benchmark.cpu_info("Features\t: fp asimd sve crc32\n") == (None, ["asimd", "sve"])
+  assert benchmark.cpu_info("") == (None, [])
+
+
+def test_machine_without_proc_cpuinfo_leaves_the_cpu_unnamed(tmp_path):
+  info = benchmark.machine(tmp_path / "no_cpuinfo")
+  assert info["cpu_extensions"] == [] and info["cpu_cores"] >= 1
+  assert info["jaxlib_version"] and info["jax_version"]
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -112,6 +142,7 @@ def test_bad_flags_give_one_error_line(args, expected):
   assert result.stdout == ""
 
 
+@needs_torch_ref
 def test_compare_torch_adds_torch_figures_and_median_ratios():
   pytest.importorskip("torch")
   out = _json_line(_cli(*TINY, "--compare-torch", "--torch_preset=frost_cpu", "--repeats=2"))

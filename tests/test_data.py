@@ -14,9 +14,11 @@ import pytest
 from minigpt_jax import data
 from minigpt_jax.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
-FROST = SHARED / "frost.txt"
-needs_frost = pytest.mark.skipif(not FROST.is_file(), reason=f"{FROST} missing")
+
+@pytest.fixture
+def frost():
+  """Frost's real file: from $MINIGPT_DATA_DIR, else its pinned download (then cached)."""
+  return data.resolve_corpus("frost")
 
 
 def _entry(name="frost"):
@@ -67,12 +69,11 @@ def test_encode_unknown_characters_lists_them():
 # --- resolve_corpus -------------------------------------------------------------
 
 
-@needs_frost
-def test_resolve_corpus_from_env_dir(tmp_path, monkeypatch):
+def test_resolve_corpus_from_env_dir(frost, tmp_path, monkeypatch):
   """$MINIGPT_DATA_DIR wins, and the file is checked against the registry."""
   env_dir = tmp_path / "env"
   env_dir.mkdir()
-  shutil.copy(FROST, env_dir / "frost.txt")
+  shutil.copy(frost, env_dir / "frost.txt")
   monkeypatch.setenv(data.DATA_DIR_ENV, str(env_dir))
   path = data.resolve_corpus("frost", cache_dir=tmp_path / "cache")
   assert path == env_dir / "frost.txt"
@@ -136,14 +137,13 @@ def test_download_wrong_bytes_leaves_nothing(tmp_path, monkeypatch):
   assert not cache.exists() or list(cache.iterdir()) == []
 
 
-@needs_frost
-def test_download_right_bytes_is_cached(tmp_path, monkeypatch):
+def test_download_right_bytes_is_cached(frost, tmp_path, monkeypatch):
   """A good download lands in the cache, and the next lookup does not download again."""
   env_dir, cache = tmp_path / "env", tmp_path / "cache"
   env_dir.mkdir()
   monkeypatch.setenv(data.DATA_DIR_ENV, str(env_dir))
   calls = []
-  payload = FROST.read_bytes()
+  payload = frost.read_bytes()
   monkeypatch.setattr(data.urllib.request, "urlopen", _fake_urlopen(payload, calls))
   path = data.resolve_corpus("frost", cache_dir=cache)
   assert path == cache / "frost.txt"
@@ -151,6 +151,14 @@ def test_download_right_bytes_is_cached(tmp_path, monkeypatch):
   assert [p.name for p in cache.iterdir()] == ["frost.txt"]  # no .part left
   assert data.resolve_corpus("frost", cache_dir=cache) == path
   assert len(calls) == 1
+
+
+def test_downloads_go_to_the_user_cache_not_the_package(frost, tmp_path, monkeypatch):
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "empty"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  monkeypatch.setattr(data.urllib.request, "urlopen", _fake_urlopen(frost.read_bytes(), []))
+  assert data.resolve_corpus("frost") == tmp_path / "xdg" / "minigpt_jax" / "corpora" / "frost.txt"
+  assert data.REGISTRY.parent == Path(data.__file__).parent  # the registry is package data
 
 
 def test_unknown_corpus(tmp_path):

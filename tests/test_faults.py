@@ -261,7 +261,6 @@ def test_a_second_run_on_a_locked_workdir_changes_nothing(run):
 
 _HOLDER = """
 import sys, time
-sys.path.insert(0, sys.argv[2])
 from minigpt_jax.workdir_lock import WorkdirLock
 WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
@@ -270,7 +269,7 @@ time.sleep(300)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), str(ROOT)],
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"

@@ -176,6 +176,21 @@ def test_an_empty_prompt_starts_from_a_newline(trained):
   assert result.stdout.startswith("\n") and len(result.stdout) == 1 + 20 + 1
 
 
+def test_a_second_sample_loads_the_decoder_from_the_compile_cache(trained, tmp_path):
+  """On by default in $MINIGPT_CACHE_DIR, JAX's thresholds lowered; this CPU accepts the
+  entries it wrote (JAX logs each hit as a warning under JAX_LOG_COMPILES)."""
+  workdir, _ = trained
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # conftest's cache
+  env.update(MINIGPT_CACHE_DIR=str(tmp_path / "xla"), JAX_LOG_COMPILES="1")
+  args = (f"--workdir={workdir}", "--num_tokens=20")
+  cold = _cli("sample.py", *args, env=env)
+  assert "Persistent compilation cache hit for 'jit__generate_kv'" not in cold.stderr
+  assert any(p.name.startswith("jit__generate_kv-") for p in (tmp_path / "xla").iterdir())
+  warm = _cli("sample.py", *args, env=env)
+  assert "Persistent compilation cache hit for 'jit__generate_kv'" in warm.stderr
+  assert warm.stdout == cold.stdout
+
+
 def test_data_dir_env_is_respected(tmp_path):
   env = {**os.environ, "MINIGPT_DATA_DIR": str(tmp_path)}
   (tmp_path / "frost.txt").write_text("not the poems")

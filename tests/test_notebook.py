@@ -9,6 +9,7 @@ import importlib.util
 import os
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,15 @@ def test_notebook_is_committed_without_outputs_and_opens_with_the_badge():
   assert 'REPO_URL = "https://github.com/<owner>/minigpt_jax"' in _cell(nb, "repo-url").source
 
 
-def test_install_cell_pins_jax_as_requirements_txt_does():
-  requirements = (ROOT / "requirements.txt").read_text()
-  jax_range = re.search(r"^jax([<>=!~].*)$", requirements, re.M).group(1).strip()
+def test_install_cell_pins_jax_as_the_package_does():
+  dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  jax_range = next(d[len("jax"):] for d in dependencies if re.match(r"jax[<>=!~]", d))
   text = "\n".join(cell.source for cell in _read().cells)
   pins = re.findall(r"jax\[cuda12\]([^\"'\s]+)", text)
   assert pins, "the notebook no longer installs jax[cuda12]; update this test"
-  assert set(pins) == {jax_range}, f"notebook pins {pins}, requirements.txt has jax{jax_range}"
-  assert set(re.findall(r"jax\[cuda12\]([^\"'\s]+)", requirements)) <= {jax_range}
+  assert set(pins) == {jax_range}, f"notebook pins {pins}, pyproject.toml has jax{jax_range}"
+  for name in ("requirements.txt", "pyproject.toml"):  # their GPU install hints
+    assert set(re.findall(r"jax\[cuda12\]([^\"'\s]+)", (ROOT / name).read_text())) <= {jax_range}
 
 
 @pytest.fixture

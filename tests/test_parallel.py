@@ -146,14 +146,17 @@ def test_two_processes_match_one_process(one_device, tmp_path, batches):
   """jax.distributed on 127.0.0.1, CPU collectives, 1 device each: same losses.
 
   With host batches each process gathers only its own rows of each global batch.
+  Each process gets a compile cache folder of its own: only process 0 writes.
   """
   address = f"127.0.0.1:{_free_port()}"
   host = ["--config.data.on_device=False"] if batches == "host" else []
+  caches = [tmp_path / f"xla{i}" for i in range(2)]
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={tmp_path}",
        "--config.train.steps=20", f"--coordinator_address={address}",
        "--num_processes=2", f"--process_id={i}", *host],
-      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, env={**_env(1), "JAX_COMPILATION_CACHE_DIR": str(caches[i])},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
@@ -163,6 +166,8 @@ def test_two_processes_match_one_process(one_device, tmp_path, batches):
   assert (summary["devices"], summary["processes"]) == (2, 2)
   assert summary["data_on_device"] is (batches == "device")
   assert "done: step 20" in outputs[0][1] and "done:" not in outputs[1][1]
+  assert any(caches[0].glob("jit_train_steps*"))  # _on_windows for host batches
+  assert not caches[1].exists() or not any(caches[1].glob("jit_*"))
 
 
 _FAKE_SRUN = """#!/bin/bash

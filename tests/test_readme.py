@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TORCH_REF
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--config.model.block_size=16", "--config.model.n_embed=32",
          "--config.model.n_heads=2", "--config.model.n_layer=1"]
@@ -121,6 +123,8 @@ def _shrunk(args, tmp_path, workdirs):
     return args + MODEL
   if script == "benchmark.py":
     extra = ["--torch_preset=frost_cpu"] if "--compare-torch" in args else []
+    if not TORCH_REF.is_file():  # without ../shared/bench: our half of the command only
+      args, extra = _drop(args, "compare-torch", "torch_preset"), []
     return _drop(args, "steps", "sample_tokens", "repeats") + BENCH_SHRINK + extra
   if script == "plot.py":
     args = [f"--workdir={workdirs[a.split('=', 1)[1]]}" if a.startswith("--workdir=") else a

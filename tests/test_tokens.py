@@ -32,8 +32,8 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-  """The token cache (under data.DATA_DIR) in a temp folder, so it starts empty."""
-  assert tokens.cache_dir() == data.DATA_DIR / "tokens"
+  """The token cache (beside the downloaded corpora) in a temp folder, so it starts empty."""
+  assert tokens.cache_dir() == data.download_dir().parent / "tokens"
   monkeypatch.setattr(tokens, "cache_dir", lambda: tmp_path / "tokens")
   return tmp_path / "tokens"
 
