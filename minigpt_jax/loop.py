@@ -98,7 +98,7 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
   folder, name = tokens.for_config(config)
   prepared = tokens.open_tokens(folder)
   if config.data.tokens:
-    tokens.check_against_config(prepared, config, str(folder))
+    tokens.adopt_folder_settings(prepared, config, str(folder))
   config_lib.validate_for_data(config, len(prepared.train), len(prepared.val))
   return Corpus(prepared.tokenizer, name, prepared.train, prepared.val,
                 tokens_per_char=prepared.tokens_per_char("val"),

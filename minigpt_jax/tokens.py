@@ -419,17 +419,26 @@ def for_config(config) -> tuple[Path, str]:
   return folder, source.name
 
 
-def check_against_config(tokens: Tokens, config, where: str) -> None:
-  """A folder named by `config.data.tokens` must hold what the config's data fields say."""
+# The config's data fields that a token folder fixes, and their defaults.
+_FOLDER_FIELDS = {"tokenizer": "char", "vocab_size": 0, "train_fraction": 0.9}
+
+
+def adopt_folder_settings(tokens: Tokens, config, where: str) -> None:
+  """A folder named by `config.data.tokens` decides the tokenizer fields.
+
+  A field left at its default takes the folder's value (so `config.json`
+  records it); one set to something else must agree with the folder.
+  """
   d, meta = config.data, tokens.meta
   have = {"tokenizer": meta["tokenizer"]["kind"],
           "vocab_size": meta["tokenizer"]["vocab_size"] if meta["tokenizer"]["kind"] == "bpe"
           else 0,
           "train_fraction": meta["train_fraction"]}
-  differ = {k: v for k, v in have.items() if d[k] != v}
+  differ = {k: v for k, v in have.items()
+            if d[k] != v and d[k] != _FOLDER_FIELDS[k]}
   if differ:
-    flags = " ".join(f"--config.data.{k}={v}" for k, v in differ.items())
     first = next(iter(differ))
     raise UserError(f"token folder {where} has {first}={differ[first]!r} but "
-                    f"config.data.{first} is {d[first]!r}; pass {flags}, or prepare the "
-                    "folder with this config's settings")
+                    f"config.data.{first} is {d[first]!r}; drop --config.data.{first}, or "
+                    "prepare the folder with this config's settings")
+  d.update(have)

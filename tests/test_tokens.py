@@ -161,9 +161,10 @@ def test_the_cache_is_keyed_by_source_and_settings_and_reused(tiny_config, cache
 
 def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_path):
   tokens.prepare(tokens.Source(_frost(), "frost"), tmp_path / "bpe", "bpe", 300)
-  tiny_config.data.update(tokens=str(tmp_path / "bpe"), tokenizer="bpe", vocab_size=300)
+  tiny_config.data.tokens = str(tmp_path / "bpe")  # the folder names its tokenizer
   tiny_config.train.update(steps=10, eval_interval=10, sample_tokens=0)
   corpus = loop.load_corpus(tiny_config)
+  assert (tiny_config.data.tokenizer, tiny_config.data.vocab_size) == ("bpe", 300)
   meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
   assert corpus.tokenizer.vocab_size == 300
   assert corpus.tokens_per_char == meta["val"]["tokens"] / meta["val"]["chars"] < 1
@@ -245,8 +246,8 @@ def test_a_prepare_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
 def test_a_token_folder_must_match_the_config(tiny_config, folder):
   tiny_config.data.tokens = str(folder)
   tiny_config.data.update(tokenizer="bpe", vocab_size=300)
-  with pytest.raises(UserError, match="has tokenizer='char'.*--config.data.tokenizer=char "
-                     "--config.data.vocab_size=0"):
+  with pytest.raises(UserError, match="has tokenizer='char' but config.data.tokenizer is "
+                     "'bpe'; drop --config.data.tokenizer"):
     loop.load_corpus(tiny_config)
   with pytest.raises(UserError, match="does not exist"):
     tiny_config.data.update(tokens=str(folder / "nope"), tokenizer="char", vocab_size=0)
