@@ -8,7 +8,7 @@ to the embedding, dropout 0.35; Muon (0.03) for the blocks' matrices and AdamW
 (3e-3) for the rest, 100 warmup steps, cosine to a tenth over 1150 steps,
 beta2 0.99, weight decay 0.1 on matrices, clipping at 1.0. An evaluation
 every 100 steps (50 batches a split, none at step 0: on this small val text
-that is precise enough, and evaluations were half the wall time at 100), and
+that is precise enough, and at 100 evaluations took about 40% of the wall), and
 early stopping after 3 without a new best, keep the run from the over-fitting
 that frost_cpu and frost_t4 end in.
 Measured figures: README "Recipes".

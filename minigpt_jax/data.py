@@ -54,12 +54,17 @@ def corpus_names() -> list[str]:
   return sorted(_registry())
 
 
-def _sha256(path: Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+  """A file's sha256, read in 4 MB chunks (token sources may be far larger than memory)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def _checked(path: Path, name: str, entry: dict) -> Path:
-  digest = _sha256(path)
+  digest = file_sha256(path)
   if digest != entry["sha256"]:
     raise UserError(
         f"corpus {name!r} at {path} has sha256 {digest[:12]}..., expected "
@@ -75,7 +80,7 @@ def _download(url: str, dest: Path, name: str, entry: dict) -> Path:
     with os.fdopen(fd, "wb") as out:
       with urllib.request.urlopen(url, timeout=30) as response:
         out.write(response.read())
-    digest = _sha256(Path(tmp))
+    digest = file_sha256(Path(tmp))
     if digest != entry["sha256"]:
       raise UserError(
           f"corpus {name!r} downloaded from {url} has sha256 {digest[:12]}..., "

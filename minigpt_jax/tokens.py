@@ -382,20 +382,12 @@ def cache_key(sha256: str, kind: str, vocab_size: int, train_fraction: float) ->
   return f"{sha256[:20]}-{kind}{size}-tf{train_fraction!r}"
 
 
-def _file_sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def config_source(config) -> tuple[Source, str]:
   """The text of `config.data.path` or `.corpus`, and its sha256 (the registry's, if named)."""
   if config.data.path:
     path = Path(config.data.path)
     _check_source(path)
-    return Source(path, str(path)), _file_sha256(path)
+    return Source(path, str(path)), data.file_sha256(path)
   name = config.data.corpus
   path = data.resolve_corpus(name)  # checked against the registry's sha256
   return Source(path, name), data.corpus_sha256(name)
