@@ -9,7 +9,8 @@ steps, then cosine down to 1e-4 at step 5000; batch 64.
 
 nanoGPT's README reports best val 1.4697 after 5000 steps (about 3 minutes on
 an A100). Like `shakespeare_char`, it is a GPU config: far too slow on 2 CPU
-cores. Our GPU figures are in README "Recipes" once measured there.
+cores. Measured here: not yet, as no GPU has been lent to measure it on
+(README "Recipes" gets the figures then).
 """
 
 from minigpt_jax.config import get_config as base_config
