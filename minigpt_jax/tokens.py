@@ -22,7 +22,8 @@ two non-space characters. The byte-level pre-tokenizer never joins across
 such a cut, so the pieces give exactly the ids of encoding each side whole.
 
 The folder is written under a temporary name and renamed when complete: a
-killed prepare leaves no folder that reads as prepared.
+killed prepare leaves no folder that reads as prepared, and the next prepare of
+the same folder removes what a SIGKILL left (`remove_stale_temps`).
 
 `for_config(config)` is the folder a training config reads: `config.data.tokens`,
 or one prepared on the fly into the cache `~/.cache/minigpt_jax/tokens/<key>` (`cache_dir()`), the
@@ -34,11 +35,13 @@ May import: numpy, data, tokenizer, errors.
 """
 
 import codecs
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -267,6 +270,7 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
     tok = _train_bpe(source.path, n_train, vocab_size, source.name)
   dtype = dtype_for(tok.vocab_size)
   out.parent.mkdir(parents=True, exist_ok=True)
+  remove_stale_temps(out)
   tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
@@ -301,6 +305,42 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return meta
+
+
+STALE_AFTER_S = 3600  # a live prepare writes its temp folder far more often than this
+
+
+def remove_stale_temps(out: Path, now: float | None = None) -> list[Path]:
+  """Removes the temp folders of prepares of `out` that were killed (SIGKILL, power loss).
+
+  A temp folder is stale when the process named in it is gone from this host and
+  nothing in it changed for `STALE_AFTER_S` (so another host's live prepare, on a
+  shared disk, keeps its own). Returns the folders removed.
+  """
+  now = time.time() if now is None else now
+  removed = []
+  for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[1]
+    if not pid.isdigit() or _pid_alive(int(pid)):
+      continue
+    try:
+      changed = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
+    except OSError:  # removed meanwhile
+      continue
+    if now - changed >= STALE_AFTER_S:
+      shutil.rmtree(tmp, ignore_errors=True)
+      removed.append(tmp)
+  return removed
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
 
 
 def _commit(tmp: Path, out: Path, replace_existing: bool) -> None:
