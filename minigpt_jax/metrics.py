@@ -12,7 +12,8 @@ go to Weights & Biases (an optional package: `config.validate` names the
 install command before a run starts when it is missing). Each launch is one
 W&B run, named after the workdir, its files in `<workdir>/wandb/` unless
 $WANDB_DIR says otherwise; it does not capture the console. A resumed launch
-is a new W&B run that starts at the checkpoint's step.
+is a new W&B run that starts at the checkpoint's step, in the same group (the
+workdir's name), with job type `resume`.
 
 The JSON is strict: a non-finite value is written as `null` (TensorBoard still
 gets the NaN, so a diverging run shows). The resume rewrite is atomic, and a
@@ -61,7 +62,8 @@ def _start_wandb(workdir: Path, project: str, config: dict | None, resume_step: 
 
   try:
     return wandb.init(
-        project=project, name=workdir.resolve().name, dir=os.environ.get("WANDB_DIR", workdir),
+        project=project, name=workdir.resolve().name, group=workdir.resolve().name,
+        job_type="resume" if resume_step else "train", dir=os.environ.get("WANDB_DIR", workdir),
         config={**(config or {}), "workdir": str(workdir), "resume_step": resume_step},
         reinit="finish_previous",
         settings=wandb.Settings(console="off", silent=True, disable_git=True))
