@@ -28,7 +28,9 @@ the same folder removes what a SIGKILL left (`remove_stale_temps`).
 `for_config(config)` is the folder a training config reads: `config.data.tokens`,
 or one prepared on the fly into the cache `~/.cache/minigpt_jax/tokens/<key>` (`cache_dir()`), the
 key being the source's sha256, the tokenizer settings and `train_fraction`, so
-a second run reuses it. `open_tokens` checks a folder and memory-maps its splits.
+a second run reuses it; a `path` text's sha256 is remembered there too
+(`source_sha256`), so it is read once, not at every start. `open_tokens`
+checks a folder and memory-maps its splits.
 
 Owns: the token folder format, `prepare`, `open_tokens`, the cache.
 May import: numpy, data, tokenizer, errors.
@@ -422,12 +424,47 @@ def cache_key(sha256: str, kind: str, vocab_size: int, train_fraction: float) ->
   return f"{sha256[:20]}-{kind}{size}-tf{train_fraction!r}"
 
 
+RACY_S = 2.0  # a file written this recently can change again with the same times
+
+
+def source_sha256(path: Path) -> str:
+  """`data.file_sha256`, remembered per version of the file, so a large `--path`
+  text is not read again at every start.
+
+  The memo is keyed by the file's real path, device, inode, size, and its
+  modification and change times (a change time no tool sets back). It is kept
+  only for a file unchanged for `RACY_S` seconds, as git's index does: two
+  writes within the clock's granularity can leave the same times.
+  """
+  path = Path(path)
+  st = path.stat()
+  version = (f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|"
+             f"{st.st_ctime_ns}")
+  memo = cache_dir() / ".sha256" / hashlib.sha256(version.encode()).hexdigest()[:32]
+  try:
+    sha = memo.read_text().strip()
+    if re.fullmatch(r"[0-9a-f]{64}", sha):
+      return sha
+  except OSError:
+    pass
+  sha = data.file_sha256(path)
+  if time.time() - max(st.st_mtime, st.st_ctime) >= RACY_S:
+    try:
+      memo.parent.mkdir(parents=True, exist_ok=True)
+      tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
+      tmp.write_text(sha + "\n")
+      os.replace(tmp, memo)
+    except OSError:  # a read-only cache only costs the next start a read
+      pass
+  return sha
+
+
 def config_source(config) -> tuple[Source, str]:
   """The text of `config.data.path` or `.corpus`, and its sha256 (the registry's, if named)."""
   if config.data.path:
     path = Path(config.data.path)
     _check_source(path)
-    return Source(path, str(path)), data.file_sha256(path)
+    return Source(path, str(path)), source_sha256(path)
   name = config.data.corpus
   path = data.resolve_corpus(name)  # checked against the registry's sha256
   return Source(path, name), data.corpus_sha256(name)

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -157,6 +158,22 @@ def test_the_cache_is_keyed_by_source_and_settings_and_reused(tiny_config, cache
   bpe, _ = tokens.for_config(tiny_config)
   tiny_config.data.train_fraction = 0.8
   assert len({first, bpe, tokens.for_config(tiny_config)[0]}) == 3
+
+
+def test_a_path_texts_sha256_is_read_once_per_version_of_the_file(tmp_path, cache,
+                                                                 monkeypatch):
+  reads, file_sha256 = [], data.file_sha256
+  monkeypatch.setattr(data, "file_sha256", lambda p: reads.append(p) or file_sha256(p))
+  path = tmp_path / "t.txt"
+  path.write_text("one text\n")
+  sha = tokens.source_sha256(path)
+  assert tokens.source_sha256(path) == sha and len(reads) == 2  # just written: not kept
+  monkeypatch.setattr(tokens, "RACY_S", 0.0)  # as if it had been written a while ago
+  assert tokens.source_sha256(path) == sha and len(reads) == 3
+  assert tokens.source_sha256(path) == sha and len(reads) == 3  # remembered
+  time.sleep(0.05)  # past the file clock's granularity (RACY_S is off here)
+  path.write_text("two text\n")  # the same size, a new version
+  assert tokens.source_sha256(path) == file_sha256(path) != sha and len(reads) == 4
 
 
 def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_path):
