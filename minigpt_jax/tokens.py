@@ -33,7 +33,7 @@ a second run reuses it; a `path` text's sha256 is remembered there too
 checks a folder and memory-maps its splits.
 
 Owns: the token folder format, `prepare`, `open_tokens`, the cache.
-May import: numpy, data, tokenizer, errors.
+May import: numpy, data, files, tokenizer, errors.
 """
 
 import codecs
@@ -49,7 +49,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from minigpt_jax import data, tokenizer as tokenizer_lib
+from minigpt_jax import data, files, tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 
 FORMAT = 1
@@ -312,15 +312,14 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
 STALE_AFTER_S = 3600  # a live prepare writes its temp folder far more often than this
 
 
-def remove_stale_temps(out: Path, now: float | None = None) -> list[Path]:
+def remove_stale_temps(out: Path) -> list[Path]:
   """Removes the temp folders of prepares of `out` that were killed (SIGKILL, power loss).
 
   A temp folder is stale when the process named in it is gone from this host and
   nothing in it changed for `STALE_AFTER_S` (so another host's live prepare, on a
   shared disk, keeps its own). Returns the folders removed.
   """
-  now = time.time() if now is None else now
-  removed = []
+  now, removed = time.time(), []
   for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
     pid = tmp.name.rsplit("-", 1)[1]
     if not pid.isdigit() or _pid_alive(int(pid)):
@@ -451,10 +450,8 @@ def source_sha256(path: Path) -> str:
   if time.time() - max(st.st_mtime, st.st_ctime) >= RACY_S:
     try:
       memo.parent.mkdir(parents=True, exist_ok=True)
-      tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
-      tmp.write_text(sha + "\n")
-      os.replace(tmp, memo)
-    except OSError:  # a read-only cache only costs the next start a read
+      files.write_text(memo, sha + "\n")
+    except (OSError, UserError):  # a read-only cache only costs the next start a read
       pass
   return sha
 

@@ -177,7 +177,7 @@ def test_a_run_logs_its_config_scalars_and_sample_to_wandb_offline_and_tensorboa
   (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
   config = {u.key: json.loads(u.value_json) for u in run.config.update}
   assert run.project == "minigpt-test" and config["model"]["n_embed"] == 32
-  # A resumed launch is a new W&B run in the same group (the workdir's name).
+  # Each launch joins the workdir's group; this first one is a train job, a resume a resume job.
   assert (run.run_group, run.job_type) == (tmp_path.name, "train")
   history = [{".".join(i.nested_key) or i.key: i.value_json for i in r.history.item}
              for r in records if r.WhichOneof("record_type") == "history"]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -262,21 +263,20 @@ def test_a_prepare_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_the_next_prepare_removes_what_a_killed_one_left(tmp_path):
   """A SIGKILL skips the cleanup; the next prepare of that folder removes its temp folder."""
-  import os
   source, out = _source(tmp_path, "abc\n" * 100), tmp_path / "out"
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True).stdout.strip()
-  killed, live, recent = (tmp_path / f".out.tmp-{pid}" for pid in (dead, os.getppid(), "x"))
+  killed, live, unnamed = (tmp_path / f".out.tmp-{pid}" for pid in (dead, os.getppid(), "x"))
   for folder in (killed, live):
     folder.mkdir()
     (folder / "train.bin").write_bytes(b"\0" * 8)
     old = os.stat(folder).st_mtime - 2 * tokens.STALE_AFTER_S
     for path in (folder / "train.bin", folder):
       os.utime(path, (old, old))
-  recent.mkdir()
+  unnamed.mkdir()
   tokens.prepare(source, out)
   assert not killed.exists()  # its process is gone and it is old
-  assert live.exists() and recent.exists()  # a live process's, and one not named by a pid
+  assert live.exists() and unnamed.exists()  # a live process's, and one not named by a pid
   assert (out / "meta.json").is_file()
   # Gone from this host but written to a moment ago (another host's, on a shared disk): kept.
   killed.mkdir()
