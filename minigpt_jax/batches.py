@@ -8,7 +8,7 @@ past 2**31 tokens): each call's windows are drawn with the same keys
 arrays (a token file's np.memmap: only the windows are read, with pread), each
 process gathering only the rows of the global batch its devices hold, and
 assembled with `jax.make_array_from_process_local_data`. Both give the same
-windows, so the same losses.
+windows to the same compiled `train.train_steps`, so the same losses.
 
 The next call's windows are gathered on a background thread while the
 current call runs (host path only); they depend on the step alone, so
@@ -49,7 +49,7 @@ def uses_host(config, splits: dict) -> str | None:
 
 
 class DeviceBatches:
-  """The corpus on every device; each compiled call draws its own batches."""
+  """The corpus on every device; each compiled call draws its own windows."""
 
   on_device = True
 
@@ -57,19 +57,17 @@ class DeviceBatches:
                eval_iters: int, grad_accum_steps: int):
     self.splits = {k: parallel.put_replicated(np.asarray(ids, np.int32), mesh)
                    for k, ids in splits.items()}
-    self._run = lambda state, n: train.jit_train_steps(
-        state, self.splits["train"], batch_size=batch_size, block_size=block_size,
-        num_steps=n, mesh=mesh, grad_accum_steps=grad_accum_steps)
-    self._evaluate = lambda state: train.jit_estimate_loss(
-        state, self.splits, batch_size=batch_size, block_size=block_size,
-        eval_iters=eval_iters, mesh=mesh)
+    self.shapes = dict(batch_size=batch_size, block_size=block_size, mesh=mesh)
+    self.eval_iters, self.grad_accum_steps = eval_iters, grad_accum_steps
 
   def run_steps(self, state, step: int, num_steps: int, next_num_steps: int | None = None):
     """(state, metrics) after `num_steps` updates from `step` (state.step)."""
-    return self._run(state, num_steps)
+    return train.jit_train_steps(state, self.splits["train"], num_steps=num_steps,
+                                 grad_accum_steps=self.grad_accum_steps, **self.shapes)
 
   def evaluate(self, state, step: int) -> dict:
-    return self._evaluate(state)
+    return train.jit_estimate_loss(state, self.splits, eval_iters=self.eval_iters,
+                                   **self.shapes)
 
   def close(self) -> None:
     pass
@@ -83,10 +81,6 @@ def local_rows(sharding: NamedSharding, shape: tuple, axis: int) -> tuple[int, i
   if sum(b - a for a, b in bounds) != hi - lo:  # a 1-D mesh gives each process one block
     raise ValueError(f"this process's rows {bounds} are not one block")
   return lo, hi
-
-
-_batch_keys = jax.jit(train.batch_keys, static_argnums=2)
-_eval_keys = jax.jit(train.eval_keys, static_argnums=(2, 3))
 
 
 def _host_device() -> jax.Device:
@@ -106,15 +100,13 @@ class HostBatches:
                block_size: int, eval_iters: int, grad_accum_steps: int, prefetch: bool = True):
     self.splits = splits
     self.B, self.T, self.eval_iters = batch_size, block_size, eval_iters
+    self.shapes = dict(batch_size=batch_size, block_size=block_size, mesh=mesh)
+    self.grad_accum_steps = grad_accum_steps
     self.sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # [K, B, T+1]
     self.rows = local_rows(self.sharding, (1, batch_size, block_size + 1), 1)
     # The root key never changes; a replicated array, so any shard is all of it. A
     # copy: the state's own buffer is donated to the next call.
     self.rng = jax.device_put(np.array(rng.addressable_data(0)), _host_device())
-    self._run = lambda state, windows: train.jit_train_steps_on_windows(
-        state, windows, mesh=mesh, grad_accum_steps=grad_accum_steps)
-    self._evaluate = lambda state, windows: train.jit_estimate_loss_on_windows(
-        state, windows, mesh=mesh)
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     self._next = None  # ((step, num_steps), future of its local windows)
 
@@ -129,7 +121,7 @@ class HostBatches:
     return jax.make_array_from_process_local_data(self.sharding, local_KbT1, shape)
 
   def _train_windows(self, step: int, num_steps: int) -> np.ndarray:
-    keys_K = _batch_keys(self.rng, step, num_steps)
+    keys_K = train.batch_keys(self.rng, step, num_steps)
     return self._local_windows(keys_K, self.splits["train"])
 
   def run_steps(self, state, step: int, num_steps: int, next_num_steps: int | None = None):
@@ -139,7 +131,8 @@ class HostBatches:
     else:
       local = self._train_windows(step, num_steps)
     self._next = None
-    out = self._run(state, self._global(local))
+    out = train.jit_train_steps(state, self._global(local), num_steps=num_steps,
+                                grad_accum_steps=self.grad_accum_steps, **self.shapes)
     if self._pool is not None and next_num_steps:
       after = step + num_steps
       self._next = ((after, next_num_steps),
@@ -149,9 +142,9 @@ class HostBatches:
   def evaluate(self, state, step: int) -> dict:
     windows = {}
     for i, (name, ids_N) in enumerate(sorted(self.splits.items())):
-      keys_J = _eval_keys(self.rng, step, i, self.eval_iters)
+      keys_J = train.eval_keys(self.rng, step, i, self.eval_iters)
       windows[name] = self._global(self._local_windows(keys_J, ids_N))
-    return self._evaluate(state, windows)
+    return train.jit_estimate_loss(state, windows, eval_iters=self.eval_iters, **self.shapes)
 
   def close(self) -> None:
     if self._pool is not None:

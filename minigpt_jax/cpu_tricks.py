@@ -3,7 +3,7 @@
 "auto" (the default) turns them on where JAX runs on the CPU, "on" and "off"
 force them. None changes a result beyond float rounding. With the switch off
 the model is plain Flax (`nn.Dense`) and every function here takes the plain
-JAX path. Each trick's figures are in README "Speed", with their commands.
+JAX path. Each trick's figures are in docs/speed.md, with their commands.
 
 Owns: `Dense` (the kernel-gradient VJP), `slice_kernels` (batch-1 decode),
 `mean_over_devices` (the all-gather gradient mean), and `wait_each_call`,
@@ -28,7 +28,7 @@ def enabled(setting: str) -> bool:
   return setting == "on" or (setting == "auto" and jax.default_backend() == "cpu")
 
 
-# -- 1. The kernel gradient as (dy^T x)^T: faster on CPU, see README "Speed".
+# -- 1. The kernel gradient as (dy^T x)^T: faster on CPU, see docs/speed.md.
 
 @jax.custom_vjp
 def _matmul(x_MK, w_KN):
@@ -49,7 +49,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
-  """nn.Dense's parameters and math, with two CPU tricks (see README "Speed").
+  """nn.Dense's parameters and math, with two CPU tricks (see docs/speed.md).
 
   Training: the kernel gradient is formed as (dy^T x)^T, where nn.Dense's
   x^T dy makes XLA:CPU copy dy into a transposed layout first. Decoding: the
@@ -85,7 +85,7 @@ def dense(features: int, name: str, dtype, use_bias: bool = True, tricks: bool =
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=INIT, name=name)
 
 
-# -- 2. Kernel slices for batch-1 decoding: faster on CPU, see README "Speed".
+# -- 2. Kernel slices for batch-1 decoding: faster on CPU, see docs/speed.md.
 
 def slice_kernels(params, tricks: bool, pieces: int = 16):
   """GPT params with each block's kernels cut into `pieces` column slices (tricks on).
@@ -106,7 +106,7 @@ def slice_kernels(params, tricks: bool, pieces: int = 16):
   return jax.tree_util.tree_map_with_path(cut, params)
 
 
-# -- 3. The gradient mean as one all-gather: faster on CPU, see README "Speed".
+# -- 3. The gradient mean as one all-gather: faster on CPU, see docs/speed.md.
 
 def mean_over_devices(tree, axis_name: str, tricks: bool):
   """The mean of `tree` over `axis_name`, inside shard_map; bit-identical on every device.

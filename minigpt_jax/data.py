@@ -2,11 +2,12 @@
 
 Batches are drawn from an explicit PRNG key, so a step's batch depends only
 on (seed, step): a resumed run sees the batches an unbroken run would have
-seen. `get_batch` draws them on device from a corpus every device holds;
+seen. `draw_windows` draws them on device from a corpus every device holds;
 `window_starts` and `gather_windows` draw the same windows on the host, from
 numpy arrays or memmaps of any size (see `batches.py`).
 
-Owns: the corpus registry and downloads, `split`, `get_batch`, `window_starts`,
+Owns: the corpus registry and downloads, `split`, `draw_windows` (and the
+lecture's `get_batch`), `window_starts`,
 `gather_windows` (`CharTokenizer` moved to tokenizer.py and is re-exported here).
 May import: JAX, numpy, tokenizer, errors.
 """
@@ -147,9 +148,9 @@ def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.
   return ids[:n], ids[n:]
 
 
-def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
-              block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Random windows of `data_N`: inputs x_BT and targets y_BT shifted by one.
+def draw_windows(key: jax.Array, data_N: jax.Array, batch_size: int,
+                 block_size: int) -> jax.Array:
+  """`batch_size` random windows [B, block_size + 1] of `data_N`: inputs and their targets.
 
   Traceable: call it inside jit with static `batch_size` and `block_size`.
   Its int32 starts reach 2**31 tokens; larger corpora are drawn on the host.
@@ -159,11 +160,17 @@ def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
     raise ValueError(f"{data_N.shape[0]} tokens are past int32 starts; draw on the host")
   starts_B = jax.random.randint(key, (batch_size,), 0, span)
   offsets_T = jnp.arange(block_size + 1)
-  windows_BT1 = data_N[starts_B[:, None] + offsets_T[None, :]]
+  return data_N[starts_B[:, None] + offsets_T[None, :]]
+
+
+def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
+              block_size: int) -> tuple[jax.Array, jax.Array]:
+  """The lecture's get_batch: `draw_windows` as inputs x_BT and targets y_BT shifted by one."""
+  windows_BT1 = draw_windows(key, data_N, batch_size, block_size)
   return windows_BT1[:, :-1], windows_BT1[:, 1:]
 
 
-# The largest range of starts that get_batch's int32 randint draws from.
+# The largest range of starts that draw_windows' int32 randint draws from.
 INT32_SPAN = int(np.iinfo(np.int32).max)
 
 
@@ -181,7 +188,7 @@ def window_starts(keys_K: jax.Array, num_tokens: int, batch_size: int,
                   block_size: int) -> np.ndarray:
   """Starts [K, B] (int64, on the host) of the windows of `num_tokens`, one row per key.
 
-  Up to 2**31 starts: get_batch's own randint, so the host and the device draw
+  Up to 2**31 starts: draw_windows' own randint, so the host and the device draw
   the same windows from the same keys. Past that (int32 overflows, and jit has
   no 64-bit integers without x64): two uint32 draws made one uint64, modulo
   the range; the bias is below span / 2**64, nothing for any real corpus.

@@ -22,9 +22,11 @@ same modules take a few new tokens at window positions [pos, pos + T), keep
 their keys and values in the cache, and return (logits, cache).
 
 Owns: ModelConfig, the modules, the loss, init. May import: `cpu_tricks`
-(behind `ModelConfig.cpu_tricks`), JAX, Flax, optax.
+(behind `ModelConfig.cpu_tricks`), `settings`, JAX, Flax, optax.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
@@ -35,7 +37,8 @@ import optax
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from minigpt_jax import cpu_tricks
+from minigpt_jax import cpu_tricks, settings
+from minigpt_jax.settings import boolean, one_of, positive_int, rule, setting
 
 _INIT = cpu_tricks.INIT
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
@@ -44,29 +47,60 @@ _ROPE_THETA = 10000.0
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """What a module needs from `config.model`, plus the corpus' vocabulary size."""
-  name: str
-  vocab_size: int
-  block_size: int
-  n_embed: int = 64
-  n_heads: int = 4
-  n_layer: int = 4
-  dropout: float = 0.0
-  dtype: str = "float32"  # compute dtype; params stay float32
-  cpu_tricks: bool = False  # cpu_tricks.py: faster on CPU, see README "Speed"
-  activation: str = "relu"  # "relu" | "gelu" (exact erf, as nanoGPT's nn.GELU)
-  bias: bool = True  # Linear and LayerNorm biases, but the q/k/v projection's
-  qkv_bias: bool = False  # the q/k/v projection's bias (nanoGPT: equal to bias)
-  tie_embeddings: bool = False  # the head is tok_embed's transpose, without a bias
-  position: str = "learned"  # "learned" table | "rope" (q and k rotated)
+  """`config.model`'s fields, declared once, plus the corpus' vocabulary size.
+
+  config.get_config's defaults, config.validate's one-field checks and
+  config.check_fits' fields (`fits`) all follow from these lines.
+  """
+  name: str = setting("gpt", '"bigram" | "gpt"', check=one_of("bigram", "gpt"), fits=True)
+  block_size: int = setting(32, "context length in tokens", check=positive_int, fits=True)
+  n_embed: int = setting(64, "width; must divide by n_heads", check=positive_int, fits=True)
+  n_heads: int = setting(4, "attention heads per block", check=positive_int, fits=True)
+  n_layer: int = setting(4, "transformer blocks", check=positive_int, fits=True)
+  dropout: float = setting(0.0, "rate on attention weights, projections, MLP out",
+                           check=rule(lambda v: 0.0 <= v < 1.0, "use a rate in [0, 1)"))
+  dtype: str = setting("float32", "compute dtype of activations and matmuls; params, optimizer "
+                       "state, softmax and the loss stay float32 (bfloat16: for GPUs/TPUs)",
+                       check=one_of("float32", "bfloat16"))
+  cpu_tricks: bool = setting(False, 'cpu_tricks.py\'s XLA:CPU speed-ups: "auto" (on for the CPU '
+                             'backend) | "on" | "off" (plain Flax: forward-mode AD works)',
+                             config="auto", read=cpu_tricks.enabled,
+                             check=one_of(*cpu_tricks.SETTINGS))
+  activation: str = setting("relu", '"relu" | "gelu" (exact erf, as nanoGPT\'s nn.GELU)',
+                            check=one_of("relu", "gelu"), fits=True)
+  bias: bool = setting(True, "Linear and LayerNorm biases, but the q/k/v projection's",
+                       check=boolean, fits=True)
+  qkv_bias: bool = setting(False, "the q/k/v projection's bias (nanoGPT: equal to bias)",
+                           check=boolean, fits=True)
+  tie_embeddings: bool = setting(False, "the head is tok_embed's transpose, without a bias",
+                                 check=boolean, fits=True)
+  position: str = setting("learned", '"learned" table | "rope" (q and k rotated, in attention)',
+                          check=one_of("learned", "rope"), fits=True)
+  vocab_size: int = dataclasses.field(kw_only=True)  # the corpus', not a config field
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
-    """From `config.model`; its `cpu_tricks` setting ("auto" | "on" | "off") resolved here."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "cpu_tricks"}
-    return cls(vocab_size=vocab_size,
-               cpu_tricks=cpu_tricks.enabled(model_config.get("cpu_tricks", "auto")),
-               **{k: v for k, v in model_config.items() if k in fields})
+    """From `config.model` (a field it lacks has its default); cpu_tricks read as a bool."""
+    return cls(vocab_size=vocab_size, **settings.read(cls, model_config))
+
+
+_FIRST_ROW = contextvars.ContextVar("first_row", default=0)
+
+
+@contextlib.contextmanager
+def rows_from(first_row):
+  """Model calls inside take rows first_row, first_row + 1, ... of a larger batch.
+
+  The train step wraps each device's (and each micro-batch's) share of the
+  batch in it once, so `Dropout` draws the masks those rows have in the whole
+  batch: the masks, and so the losses, do not depend on how the batch is
+  split. Read while tracing, like a named axis; `first_row` may be traced.
+  """
+  token = _FIRST_ROW.set(first_row)
+  try:
+    yield
+  finally:
+    _FIRST_ROW.reset(token)
 
 
 class Dropout(nn.Module):
@@ -74,16 +108,17 @@ class Dropout(nn.Module):
 
   Element j of batch row r keeps 16 bits of the threefry hash of
   (first_row + r, j mod ceil(n / 4)), n the row's size: one hash gives four
-  masks. `first_row` is the index of x's first row in the whole batch, so a
-  row draws the same mask on whichever device computes it (the 1-vs-N-device
-  tests rely on it). The rate is rounded to a multiple of 2**-16 (0.2 becomes
-  0.199997). The hash is the threefry primitive itself, not jax.random: the
-  public per-row form (fold_in and bits, vmapped) trains slower (README "Speed").
+  masks. `first_row` (`rows_from`, 0 by default) is the index of x's first
+  row in the whole batch, so a row draws the same mask on whichever device
+  computes it (the 1-vs-N-device tests rely on it). The rate is rounded to a
+  multiple of 2**-16 (0.2 becomes 0.199997). The hash is the threefry
+  primitive itself, not jax.random: the public per-row form (fold_in and
+  bits, vmapped) trains slower (docs/speed.md).
   """
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, first_row=0):
+  def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
     threshold = round(self.rate * 2**16)
@@ -92,15 +127,15 @@ class Dropout(nn.Module):
     key = self.make_rng("dropout")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       key = jax.random.key_data(key)
-    row_RH = jnp.broadcast_to(
-        (jnp.arange(rows, dtype=jnp.uint32) + jnp.asarray(first_row).astype(jnp.uint32))[:, None],
-        (rows, hashes))
+    first_row = jnp.asarray(_FIRST_ROW.get()).astype(jnp.uint32)
+    row_RH = jnp.broadcast_to((jnp.arange(rows, dtype=jnp.uint32) + first_row)[:, None],
+                              (rows, hashes))
     column_RH = jnp.broadcast_to(jnp.arange(hashes, dtype=jnp.uint32), (rows, hashes))
     lo_RH, hi_RH = threefry2x32_p.bind(key[0], key[1], row_RH, column_RH)
     bits_RN = jnp.concatenate([lo_RH & 0xFFFF, lo_RH >> 16, hi_RH & 0xFFFF, hi_RH >> 16],
                               axis=-1)[:, :n]
     # A 0-or-scale mask multiply, not jnp.where: XLA:CPU fuses its backward
-    # pass better (README "Speed").
+    # pass better (docs/speed.md).
     mask_RN = (bits_RN >= threshold).astype(x.dtype) * (1.0 / (1.0 - threshold / 2**16))
     return x * mask_RN.reshape(x.shape)
 
@@ -155,7 +190,7 @@ class CausalSelfAttention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTC, deterministic: bool, first_row=0, kv=None, pos=0):
+  def __call__(self, x_BTC, deterministic: bool, kv=None, pos=0):
     cfg = self.cfg
     B, T, C = x_BTC.shape
     H, D = cfg.n_heads, C // cfg.n_heads
@@ -176,13 +211,13 @@ class CausalSelfAttention(nn.Module):
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
         scores_BHTT = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
         weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
-        weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic, first_row)
+        weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic)
         y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD)
       y_BTC = y_BTHD.reshape(B, T, C)
     else:
       y_BTC, kv = _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg.dtype)
     y_BTC = _dense(C, "proj", cfg)(y_BTC)
-    return Dropout(cfg.dropout)(y_BTC, deterministic, first_row), kv
+    return Dropout(cfg.dropout)(y_BTC, deterministic), kv
 
 
 def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, dtype):
@@ -210,13 +245,13 @@ class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTC, deterministic: bool, first_row=0):
+  def __call__(self, x_BTC, deterministic: bool):
     C = x_BTC.shape[-1]
     h_BTF = _dense(4 * C, "fc", self.cfg)(x_BTC)
     # Exact erf GELU, torch's nn.GELU() default, so nanoGPT's weights give its logits.
     h_BTF = nn.gelu(h_BTF, approximate=False) if self.cfg.activation == "gelu" else nn.relu(h_BTF)
     y_BTC = _dense(C, "proj", self.cfg)(h_BTF)
-    return Dropout(self.cfg.dropout)(y_BTC, deterministic, first_row)
+    return Dropout(self.cfg.dropout)(y_BTC, deterministic)
 
 
 class Block(nn.Module):
@@ -224,19 +259,18 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTC, deterministic: bool, first_row=0, kv=None, pos=0):
+  def __call__(self, x_BTC, deterministic: bool, kv=None, pos=0):
     ln = lambda name: _layer_norm(name, self.cfg)
     attn = CausalSelfAttention(self.cfg, name="attn")
-    y_BTC, kv = attn(ln("ln1")(x_BTC), deterministic, first_row, kv, pos)
+    y_BTC, kv = attn(ln("ln1")(x_BTC), deterministic, kv, pos)
     x_BTC = x_BTC + y_BTC
-    return x_BTC + MLP(self.cfg, name="mlp")(ln("ln2")(x_BTC), deterministic, first_row), kv
+    return x_BTC + MLP(self.cfg, name="mlp")(ln("ln2")(x_BTC), deterministic), kv
 
 
 class GPT(nn.Module):
   """Decoder-only transformer: token (+ position) embeddings, blocks, LayerNorm, head.
 
-  `first_row` is the index of idx_BT's first row in the whole batch, for
-  dropout masks that do not depend on how the batch is split over devices.
+  Dropout masks follow each row's place in the whole batch (`rows_from`).
   With a `cache` (`init_cache`), idx_BT sits at window positions
   [pos, pos + T) and the call returns (logits_BTV, cache): prefill is T =
   prompt length at pos 0, each later step T = 1, and the logits equal those
@@ -245,7 +279,7 @@ class GPT(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, idx_BT, deterministic: bool = True, first_row=0, cache=None, pos=0):
+  def __call__(self, idx_BT, deterministic: bool = True, cache=None, pos=0):
     cfg = self.cfg
     T = idx_BT.shape[1]
     if T > cfg.block_size:  # Embed would fill the missing positions with NaN
@@ -260,7 +294,7 @@ class GPT(nn.Module):
     new_cache = []
     for i in range(cfg.n_layer):
       kv = None if cache is None else cache[i]
-      x_BTC, kv = Block(cfg, name=f"block_{i}")(x_BTC, deterministic, first_row, kv, pos)
+      x_BTC, kv = Block(cfg, name=f"block_{i}")(x_BTC, deterministic, kv, pos)
       new_cache.append(kv)
     x_BTC = _layer_norm("ln_f", cfg)(x_BTC)
     if cfg.tie_embeddings:  # nanoGPT's tied head: no params of its own, no bias
@@ -276,8 +310,8 @@ class BigramLM(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, idx_BT, deterministic: bool = True, first_row=0):
-    del deterministic, first_row  # no dropout; kept for the shared call signature
+  def __call__(self, idx_BT, deterministic: bool = True):
+    del deterministic  # no dropout; kept for the shared call signature
     table = nn.Embed(self.cfg.vocab_size, self.cfg.vocab_size,
                      embedding_init=_INIT, name="table")
     return table(idx_BT).astype(jnp.float32)

@@ -218,7 +218,6 @@ def _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC):
 def _generate_kv(params, prompt_BP, prompt_len, key, temperature, *, cfg: ModelConfig,
                  num_tokens: int, top_k: int):
   """As `_generate_naive(window="chunked")`, with a KV cache: int32 [B, num_tokens]."""
-  params = cpu_tricks.slice_kernels(params, cfg.cpu_tricks)  # once, before the loop
   state = _kv_prefill(params, prompt_BP, prompt_len, cfg)
   out_BN = jnp.zeros((prompt_BP.shape[0], num_tokens), jnp.int32)
   return _kv_steps(params, state, key, temperature, num_tokens, cfg, top_k, out_BN)[1]
@@ -232,12 +231,15 @@ def _kv_start(params, prompt_BP, prompt_len, *, cfg: ModelConfig) -> DecodeState
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "chunk"), donate_argnames="state")
 def _kv_continue(params, state, key, temperature, count, *, cfg: ModelConfig, top_k: int,
                  chunk: int):
-  """`count` <= chunk more tokens: (state, int32 [B, chunk] whose first `count` are real).
-
-  params come through `cpu_tricks.slice_kernels`, done once per stream, not per piece.
-  """
+  """`count` <= chunk more tokens: (state, int32 [B, chunk] whose first `count` are real)."""
   out_BC = jnp.zeros((state.next_B.shape[0], chunk), jnp.int32)
   return _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC)
+
+
+def _kv_params(params, cfg: ModelConfig):
+  """The params as the KV decoder takes them: with the CPU tricks, each block's kernels
+  cut into column slices (`cpu_tricks.slice_kernels`), once per call, not per token."""
+  return _slice_kernels(params, tricks=cfg.cpu_tricks)
 
 
 _slice_kernels = jax.jit(cpu_tricks.slice_kernels, static_argnames=("tricks", "pieces"))
@@ -295,8 +297,11 @@ def make_generate(cfg: ModelConfig, method: str = "kv", window: str | None = Non
     kwargs = dict(cfg=cfg, num_tokens=int(num_tokens), top_k=min(int(top_k), cfg.vocab_size))
     if method == "naive":
       kwargs["window"] = window
-    fn = _generate_kv if method == "kv" else _generate_naive
-    return fn(params, prompt_BP, prompt_len, key, jnp.float32(temperature), **kwargs)
+    if method == "naive":
+      return _generate_naive(params, prompt_BP, prompt_len, key, jnp.float32(temperature),
+                             **kwargs)
+    return _generate_kv(_kv_params(params, cfg), prompt_BP, prompt_len, key,
+                        jnp.float32(temperature), **kwargs)
 
   return generate
 
@@ -314,7 +319,7 @@ def make_stream(cfg: ModelConfig, chunk: int = 32):
     prompt_BP, prompt_len = _prepare(cfg, prompt_ids, "kv")
     temperature = jnp.float32(temperature)
     top_k = min(int(top_k), cfg.vocab_size)
-    params = _slice_kernels(params, tricks=cfg.cpu_tricks)
+    params = _kv_params(params, cfg)
     state = _kv_start(params, prompt_BP, prompt_len, cfg=cfg)
     for done in range(0, num_tokens, chunk):
       count = min(chunk, num_tokens - done)

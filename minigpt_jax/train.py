@@ -1,24 +1,26 @@
-"""Train state, the optimizer, and the jit-compiled train and eval steps: the pure math.
+"""Train state and the jit-compiled train and eval steps: the pure math.
 
 Randomness: one root key from `config.seed` is stored in the state; batches,
 dropout masks and evaluation batches each come from `fold_in(key, step)`, so
 they depend on the step alone and a resumed run repeats an unbroken one
 bit for bit, on any number of devices.
 
-Devices: batches are drawn inside the compiled step from the corpus, which
-every device holds (`train_steps`), or come in as windows the host gathered
-with the same keys (`train_steps_on_windows`, for corpora past the device
-budget; `batches.py`), and are constrained to be sharded over the mesh's `data`
-axis; each device (and each process) computes the loss and gradients of only
-its rows of the global batch (a shard_map), and the averaged gradients update
-params and optimizer state, which are replicated. See `parallel.py`.
+One route for a step: `train_steps` scans `train_step` over the batches of
+one compiled call. A batch is windows [B, block_size + 1] of token ids:
+drawn inside the call from the corpus, which every device holds, or
+gathered by the host with the same keys (`batches.py`, for corpora past the
+device budget); the two differ only in where the windows come from. They are
+sharded over the mesh's `data` axis; each device (and each process) computes
+the loss and gradients of only its rows (a shard_map), and the averaged
+gradients update params and optimizer state, which are replicated. See
+`parallel.py`.
 
 The loop that drives these (files, checkpoints, logs, signals) is `loop.py`.
 The optimizer `config.train` asks for is built in `optimizer.py`.
 Owns: `TrainState`, `create_train_state`, `train_step` (with gradient
-accumulation), `train_steps` and `train_steps_on_windows`, `eval_step`,
-`estimate_loss` and `estimate_loss_on_windows`, the batch keys of both. May import: model,
-data, optimizer, parallel, cpu_tricks; nothing that writes files.
+accumulation), `train_steps`, `eval_step`, `estimate_loss`, and the keys of
+the train and eval batches. May import: model, data, optimizer, parallel,
+cpu_tricks; nothing that writes files.
 """
 
 import functools
@@ -32,7 +34,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from minigpt_jax import cpu_tricks, data, parallel
-from minigpt_jax.model import ModelConfig, build_model, cross_entropy, init_params
+from minigpt_jax.model import ModelConfig, build_model, cross_entropy, init_params, rows_from
 from minigpt_jax.optimizer import make_optimizer
 
 # Streams derived from the root key; never reuse one for two purposes.
@@ -56,10 +58,10 @@ class TrainState(flax.struct.PyTreeNode):
   model_cfg: ModelConfig = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
-  def apply(self, params, idx_BT, deterministic=True, dropout_key=None, first_row=0):
+  def apply(self, params, idx_BT, deterministic=True, dropout_key=None):
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return build_model(self.model_cfg).apply(
-        {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs, first_row=first_row)
+        {"params": params}, idx_BT, deterministic=deterministic, rngs=rngs)
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int,
@@ -93,27 +95,22 @@ def eval_keys(rng: jax.Array, step, split_index: int, eval_iters: int) -> jax.Ar
   return jax.vmap(lambda j: jax.random.fold_in(split_key, j))(jnp.arange(eval_iters))
 
 
-def draw_batch(state: TrainState, data_N: jax.Array, batch_size: int, block_size: int,
-               mesh: Mesh | None = None):
-  """The training batch of `state.step`, sharded over the mesh's `data` axis."""
+def draw_batch(state: TrainState, train_N: jax.Array, batch_size: int, block_size: int):
+  """The windows [B, block_size + 1] of `state.step`'s batch, drawn from ids on device."""
   key = batch_keys(state.rng, state.step, 1)[0]
-  return _shard_batch(data.get_batch(key, data_N, batch_size, block_size), mesh)
+  return data.draw_windows(key, train_N, batch_size, block_size)
 
 
-def _split_windows(windows_BT1: jax.Array):
-  """Host-gathered windows of block_size + 1 ids to (x_BT, y_BT), as get_batch gives them."""
-  return windows_BT1[:, :-1], windows_BT1[:, 1:]
-
-
-def _shard_batch(batch, mesh: Mesh | None):
+def _shard(windows, mesh: Mesh | None):
+  """Windows split over the mesh's `data` axis by their batch (second to last) axis."""
   if mesh is None:
-    return batch
-  return lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
+    return windows
+  return lax.with_sharding_constraint(windows, parallel.batch_sharded(mesh))
 
 
-def train_step(state: TrainState, batch, mesh: Mesh | None = None,
+def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = None,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer update on batch (x_BT, y_BT); dropout keyed by the step.
+  """One optimizer update on a batch of windows [B, T + 1]; dropout keyed by the step.
 
   Metrics: the loss and the global gradient norm (before clipping); with
   skipped non-finite updates on, also the current run of skips and their total.
@@ -122,22 +119,21 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None,
   gradients of its rows of the batch (shard_map), and one
   `cpu_tricks.mean_over_devices` averages them. With `grad_accum_steps` = K,
   each device's rows go through in K micro-batches whose gradients are
-  averaged: the same update, in less memory. Dropout masks depend on the key
-  and each row's index in the whole batch, so any number of devices and
-  micro-batches draws the same masks.
+  averaged: the same update, in less memory. Each share of the batch is
+  computed under `model.rows_from(its first row)`, so dropout draws the masks
+  of the whole batch however it is split.
   """
-  x_BT, y_BT = batch
   dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
   data_parallel = mesh is not None and mesh.devices.size > 1
 
-  def loss_fn(params, x_bT, y_bT, first_row):
-    logits_bTV = state.apply(params, x_bT, deterministic=False, dropout_key=dropout_key,
-                             first_row=first_row)
-    return cross_entropy(logits_bTV, y_bT)
+  def loss_fn(params, windows_bT1):
+    logits_bTV = state.apply(params, windows_bT1[:, :-1], deterministic=False,
+                             dropout_key=dropout_key)
+    return cross_entropy(logits_bTV, windows_bT1[:, 1:])
 
-  def loss_and_grads(params, x_bT, y_bT):
-    first_row = lax.axis_index(parallel.DATA_AXIS) * x_bT.shape[0] if data_parallel else 0
-    loss, grads = _accumulate(jax.value_and_grad(loss_fn), params, x_bT, y_bT, first_row,
+  def loss_and_grads(params, windows_bT1):
+    first_row = lax.axis_index(parallel.DATA_AXIS) * windows_bT1.shape[0] if data_parallel else 0
+    loss, grads = _accumulate(jax.value_and_grad(loss_fn), params, windows_bT1, first_row,
                               grad_accum_steps)
     if not data_parallel:
       return loss, grads
@@ -146,9 +142,9 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None,
 
   if data_parallel:
     loss_and_grads = jax.shard_map(
-        loss_and_grads, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
+        loss_and_grads, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
         out_specs=P(), check_vma=False)  # the mean leaves them equal on every device
-  loss, grads = loss_and_grads(state.params, x_BT, y_BT)
+  loss, grads = loss_and_grads(state.params, windows_BT1)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -158,15 +154,17 @@ def train_step(state: TrainState, batch, mesh: Mesh | None = None,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _accumulate(value_and_grad, params, x_bT, y_bT, first_row, micro_batches: int):
-  """(loss, grads) of rows x_bT as the mean over `micro_batches` equal slices of them."""
+def _accumulate(value_and_grad, params, windows_bT1, first_row, micro_batches: int):
+  """(loss, grads) of rows windows_bT1 as the mean over `micro_batches` equal slices of them."""
   if micro_batches == 1:
-    return value_and_grad(params, x_bT, y_bT, first_row)
-  rows = x_bT.shape[0] // micro_batches
-  x_KmT, y_KmT = (a.reshape(micro_batches, rows, *a.shape[1:]) for a in (x_bT, y_bT))
+    with rows_from(first_row):
+      return value_and_grad(params, windows_bT1)
+  rows = windows_bT1.shape[0] // micro_batches
+  windows_KmT1 = windows_bT1.reshape(micro_batches, rows, *windows_bT1.shape[1:])
 
   def add(total, k):
-    loss_grads = value_and_grad(params, x_KmT[k], y_KmT[k], first_row + k * rows)
+    with rows_from(first_row + k * rows):
+      loss_grads = value_and_grad(params, windows_KmT1[k])
     return jax.tree.map(jnp.add, total, loss_grads), None
 
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -174,78 +172,56 @@ def _accumulate(value_and_grad, params, x_bT, y_bT, first_row, micro_batches: in
   return jax.tree.map(lambda x: x / micro_batches, total)
 
 
-def train_steps(state: TrainState, train_N: jax.Array, *, batch_size: int, block_size: int,
-                num_steps: int = 1, mesh: Mesh | None = None,
+def train_steps(state: TrainState, train_source: jax.Array, *, batch_size: int,
+                block_size: int, num_steps: int = 1, mesh: Mesh | None = None,
                 grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
   """`num_steps` updates in one compiled call (a lax.scan), each on its own batch.
 
-  Draws the batch of each step from the corpus on device, so a call needs no
-  host input; the results equal `num_steps` calls of `train_step`.
-  Returns the new state and train_step's metrics, each of shape [num_steps].
+  `train_source` is where each step's windows come from: the train ids [N]
+  on every device, from which the step draws the windows of its key
+  (`draw_batch`), or the windows [num_steps, B, block_size + 1] the host
+  gathered with the same keys (batches.py). Either way the results equal
+  `num_steps` calls of `train_step`. Returns the new state and train_step's
+  metrics, each of shape [num_steps].
   """
-
-  def one_step(state, _):
-    batch = draw_batch(state, train_N, batch_size, block_size, mesh)
-    return train_step(state, batch, mesh, grad_accum_steps)
-
-  return _scan_steps(one_step, state, None, num_steps, mesh)
-
-
-def train_steps_on_windows(state: TrainState, windows_KBT1: jax.Array, *,
-                           mesh: Mesh | None = None,
-                           grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-  """`train_steps` on batches the host gathered: windows [K, B, block_size + 1], one per step.
-
-  Given the windows of `batch_keys` (batches.py draws them so), the results
-  equal train_steps' on a corpus on device.
-  """
+  on_device = train_source.ndim == 1
 
   def one_step(state, windows_BT1):
-    batch = _shard_batch(_split_windows(windows_BT1), mesh)
-    return train_step(state, batch, mesh, grad_accum_steps)
+    if on_device:
+      windows_BT1 = draw_batch(state, train_source, batch_size, block_size)
+    return train_step(state, _shard(windows_BT1, mesh), mesh, grad_accum_steps)
 
-  return _scan_steps(one_step, state, windows_KBT1, None, mesh)
-
-
-def _scan_steps(one_step, state, xs, num_steps, mesh):
-  state, metrics_K = lax.scan(one_step, state, xs, length=num_steps)
+  state, metrics_K = lax.scan(one_step, state, None if on_device else train_source,
+                              length=num_steps)
   if mesh is not None:
     state = lax.with_sharding_constraint(state, parallel.replicated(mesh))
   return state, metrics_K
 
 
-def eval_step(state: TrainState, params, batch) -> jax.Array:
-  x_BT, y_BT = batch
-  return cross_entropy(state.apply(params, x_BT), y_BT)
+def eval_step(state: TrainState, params, windows_BT1) -> jax.Array:
+  return cross_entropy(state.apply(params, windows_BT1[:, :-1]), windows_BT1[:, 1:])
 
 
-def estimate_loss(state: TrainState, splits: dict, batch_size: int, block_size: int,
+def estimate_loss(state: TrainState, sources: dict, *, batch_size: int, block_size: int,
                   eval_iters: int, mesh: Mesh | None = None) -> dict:
-  """Mean loss over `eval_iters` random batches of each split (the lecture's)."""
+  """Mean loss over `eval_iters` random batches of each split (the lecture's estimate).
+
+  Each split's source is its ids [N] on every device, drawn from with the
+  eval keys of this step (`eval_keys`), or the windows [eval_iters, B,
+  block_size + 1] the host gathered with those keys.
+  """
   losses = {}
-  for i, (name, data_N) in enumerate(sorted(splits.items())):
+  for i, (name, source) in enumerate(sorted(sources.items())):
     keys_J = eval_keys(state.rng, state.step, i, eval_iters)
 
-    def add(j, total):
-      batch = _shard_batch(data.get_batch(keys_J[j], data_N, batch_size, block_size), mesh)
-      return total + eval_step(state, state.params, batch)
+    def add(j, total, source=source, keys_J=keys_J):
+      if source.ndim == 1:
+        windows_BT1 = data.draw_windows(keys_J[j], source, batch_size, block_size)
+      else:
+        windows_BT1 = source[j]
+      return total + eval_step(state, state.params, _shard(windows_BT1, mesh))
 
-    losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
-  return losses
-
-
-def estimate_loss_on_windows(state: TrainState, windows: dict,
-                             mesh: Mesh | None = None) -> dict:
-  """`estimate_loss` on host-gathered windows: {split: [eval_iters, B, block_size + 1]}."""
-  losses = {}
-  for name, windows_JBT1 in sorted(windows.items()):
-
-    def add(j, total):
-      batch = _shard_batch(_split_windows(windows_JBT1[j]), mesh)
-      return total + eval_step(state, state.params, batch)
-
-    eval_iters = windows_JBT1.shape[0]
-    losses[name] = jax.lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
+    losses[name] = lax.fori_loop(0, eval_iters, add, jnp.float32(0)) / eval_iters
   return losses
 
 
@@ -255,6 +231,3 @@ jit_train_steps = jax.jit(train_steps, donate_argnums=0,
                                            "grad_accum_steps"))
 jit_estimate_loss = jax.jit(estimate_loss,
                             static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))
-jit_train_steps_on_windows = jax.jit(train_steps_on_windows, donate_argnums=0,
-                                     static_argnames=("mesh", "grad_accum_steps"))
-jit_estimate_loss_on_windows = jax.jit(estimate_loss_on_windows, static_argnames=("mesh",))

@@ -12,7 +12,7 @@ from minigpt_jax import cpu_tricks
 from minigpt_jax.cpu_tricks import Dense, slice_kernels
 from minigpt_jax.model import (MLP, Dropout, ModelConfig, build_model, count_params,
                                cross_entropy, cudnn_causal_attention, init_cache, init_params,
-                               rope)
+                               rope, rows_from)
 
 V = 65  # tiny Shakespeare's vocabulary, the lecture's
 
@@ -151,14 +151,17 @@ def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
 
 
 def test_dropout_mask_of_a_row_does_not_depend_on_the_rows_beside_it():
-  """Rows 4..7 of a batch, given alone with first_row=4, get the batch's masks.
+  """Rows 4..7 of a batch, given alone under rows_from(4), get the batch's masks.
 
   This is what lets each device of a data-parallel step draw its own rows'
   masks and still match one device bit for bit.
   """
   x_BTC = jax.random.normal(jax.random.key(1), (8, 5, 6))
-  drop = lambda x, first_row: Dropout(0.3).apply(
-      {}, x, deterministic=False, first_row=first_row, rngs={"dropout": jax.random.key(2)})
+
+  def drop(x, first_row):
+    with rows_from(first_row):
+      return Dropout(0.3).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+
   whole_BTC = drop(x_BTC, 0)
   np.testing.assert_array_equal(drop(x_BTC[4:], 4), whole_BTC[4:])
   assert not np.array_equal(drop(x_BTC[4:], 0), whole_BTC[4:])
