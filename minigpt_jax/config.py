@@ -1,31 +1,30 @@
 """Shared config defaults and `validate`, which fails before anything compiles.
 
 Config files in `configs/` start from `get_config()` here and change only the
-fields that differ, so every run has every field.
+fields that differ, so every run has every field. `config.model` is declared
+by `model.ModelConfig` and the optimizer's part of `config.train` by
+`optimizer.OptimizerConfig` (default, meaning and check on one line each,
+settings.py); the other fields are declared here.
 
 Owns: the defaults, every check of a config (alone, against the data, the
 devices, or a checkpoint's saved config). May import: ml_collections, data,
-cpu_tricks, optimizer, tokenizer, errors.
+model, optimizer, settings, tokenizer, errors.
 """
 
 import importlib.util
 
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data, optimizer, tokenizer
+from minigpt_jax import data, model, optimizer, settings, tokenizer
 from minigpt_jax.errors import UserError
-
-MODELS = ("bigram", "gpt")
-DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("relu", "gelu")
-POSITIONS = ("learned", "rope")
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
-OPTIMIZERS = ("adamw", "muon")
-DECAY_GROUPS = ("all", "matrices")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every experiment; each field overridable on the CLI."""
+  """Defaults shared by every experiment; each field overridable on the CLI.
+
+  The declarations are looked up at each call, so a test can swap in a
+  `model.ModelConfig` with one more field.
+  """
   config = ml_collections.ConfigDict()
   config.seed = 1337  # root PRNG seed: init, batches, dropout, eval batches
 
@@ -44,46 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tokenizer = "char"  # "char" (the text's characters) | "bpe" (byte-level)
   config.data.vocab_size = 0  # bpe: tokens, 256 (the bytes) or more; char: 0 (n/a)
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "gpt"  # "bigram" | "gpt"
-  config.model.block_size = 32  # context length in characters
-  config.model.n_embed = 64  # width; must divide by n_heads
-  config.model.n_heads = 4
-  config.model.n_layer = 4
-  config.model.dropout = 0.0  # on attention weights, projections, MLP out
-  # Compute dtype of activations and matmuls. Params, optimizer state, softmax
-  # and the loss stay float32; "bfloat16" is for GPUs/TPUs (slower on CPU).
-  config.model.dtype = "float32"
-  # cpu_tricks.py: speed-ups for XLA:CPU; "auto" turns them on for the CPU
-  # backend. "off" keeps the model plain Flax (forward-mode AD works).
-  config.model.cpu_tricks = "auto"
-  # Recipe options; the defaults are the lecture's. nanoGPT's train.py is gelu,
-  # bias = qkv_bias = False, tied (both learn a position table).
-  config.model.activation = "relu"  # "relu" | "gelu" (exact erf, as nanoGPT's nn.GELU)
-  config.model.bias = True  # biases of the Linear and LayerNorm layers but q/k/v's
-  config.model.qkv_bias = False  # the q/k/v projection's bias (nanoGPT: equal to bias)
-  config.model.tie_embeddings = False  # the head reuses the token embedding
-  config.model.position = "learned"  # "learned" table | "rope" (rotary, in attention)
+  config.model = ml_collections.ConfigDict(settings.defaults(model.ModelConfig))
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16
   config.train.steps = 5000  # optimizer updates
-  config.train.learning_rate = 1e-3  # the peak; constant, as in the lecture
-  # The schedule over train.steps (optimizer.py): "constant" | "cosine" | "linear"
-  # | "wsd" (warmup, stable, then a linear decay over the last decay_fraction).
-  config.train.schedule = "constant"
-  config.train.warmup_steps = 0  # linear from 0 to learning_rate
-  config.train.min_learning_rate = 0.0  # where cosine, linear and wsd end
-  config.train.decay_fraction = 0.2  # wsd: the share of steps spent decaying
-  # AdamW with PyTorch's defaults, applied to every parameter as torch does.
-  config.train.optimizer = "adamw"  # "adamw" | "muon" (hidden matrices; AdamW the rest)
-  config.train.muon_learning_rate = 0.02  # muon's group; learning_rate is AdamW's
-  config.train.beta1 = 0.9
-  config.train.beta2 = 0.999
-  config.train.eps = 1e-8
-  config.train.weight_decay = 0.01
-  config.train.weight_decay_on = "all"  # "all" (torch) | "matrices" (2-D and up, nanoGPT)
-  config.train.grad_clip = 0.0  # clip the global gradient norm to this; 0: off
+  config.train.update(settings.defaults(optimizer.OptimizerConfig))
   # Micro-batches of batch_size / K rows per update, their gradients averaged:
   # the same update as the whole batch, in less memory.
   config.train.grad_accum_steps = 1
@@ -97,10 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizer steps per compiled call (a lax.scan); same results, less dispatch
   # overhead for small models. Logging and evaluation happen between calls.
   config.train.steps_per_dispatch = 1
-  # A non-finite loss or gradient stops the run, naming the last good checkpoint.
-  # N > 0 instead skips such updates (optax.apply_if_finite), stopping after N in
-  # a row; the metrics count them. On or off fixes the optimizer state's layout.
-  config.train.skip_nonfinite_updates = 0
   # Trace N steps after the first (compiling) call with jax.profiler into
   # <workdir>/profile/, for TensorBoard's profile plugin and Perfetto; 0: off.
   config.train.profile_steps = 0
@@ -123,16 +84,24 @@ def _require(ok: bool, field: str, problem: str, fix: str) -> None:
     raise UserError(f"config.{field} {problem}; {fix}")
 
 
+def _check_declared(declaration, section: str, values) -> None:
+  """The one-field checks of a declaration's `setting`s (model.py, optimizer.py)."""
+  for field in settings.declared(declaration):
+    check, value = field.metadata["check"], values[field.name]
+    fix = check(value) if check else None
+    _require(fix is None, f"{section}.{field.name}", f"is {value!r}", fix)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks what can be checked without data; raises UserError naming the field."""
+  """Checks what can be checked without data; raises UserError naming the field.
+
+  The one-field checks of config.model and the optimizer come with their
+  declarations; the checks across fields are here.
+  """
   m, t = config.model, config.train
-  _require(m.name in MODELS, "model.name", f"is {m.name!r}",
-           f"use one of {', '.join(MODELS)}")
-  for field, value in (("model.block_size", m.block_size),
-                       ("model.n_embed", m.n_embed),
-                       ("model.n_heads", m.n_heads),
-                       ("model.n_layer", m.n_layer),
-                       ("train.batch_size", t.batch_size),
+  _check_declared(model.ModelConfig, "model", m)
+  _check_declared(optimizer.OptimizerConfig, "train", t)
+  for field, value in (("train.batch_size", t.batch_size),
                        ("train.steps", t.steps),
                        ("train.eval_interval", t.eval_interval),
                        ("train.eval_iters", t.eval_iters),
@@ -141,48 +110,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ("checkpoint.keep", config.checkpoint.keep)):
     _require(isinstance(value, int) and value > 0, field,
              f"is {value!r}", "set it to a positive integer")
+  for field, value in (("train.eval_at_start", t.eval_at_start),
+                       ("data.on_device", config.data.on_device)):
+    _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
   _require(m.n_embed % m.n_heads == 0, "model.n_embed",
            f"({m.n_embed}) is not divisible by config.model.n_heads ({m.n_heads})",
            "choose n_embed as a multiple of n_heads")
-  _require(m.dtype in DTYPES, "model.dtype", f"is {m.dtype!r}",
-           f"use one of {', '.join(DTYPES)}")
-  _require(m.cpu_tricks in cpu_tricks.SETTINGS, "model.cpu_tricks", f"is {m.cpu_tricks!r}",
-           f"use one of {', '.join(cpu_tricks.SETTINGS)}")
-  for field, value, choices in (("model.activation", m.activation, ACTIVATIONS),
-                                ("model.position", m.position, POSITIONS),
-                                ("train.schedule", t.schedule, SCHEDULES),
-                                ("train.optimizer", t.optimizer, OPTIMIZERS),
-                                ("train.weight_decay_on", t.weight_decay_on, DECAY_GROUPS)):
-    _require(value in choices, field, f"is {value!r}", f"use one of {', '.join(choices)}")
-  for field, value in (("model.bias", m.bias), ("model.qkv_bias", m.qkv_bias),
-                       ("model.tie_embeddings", m.tie_embeddings),
-                       ("train.eval_at_start", t.eval_at_start),
-                       ("data.on_device", config.data.on_device)):
-    _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")
   if m.position == "rope":
     _require((m.n_embed // m.n_heads) % 2 == 0, "model.position",
              f"is 'rope' but the head size n_embed / n_heads = {m.n_embed // m.n_heads} is odd",
              "choose n_embed and n_heads with an even head size")
-  _require(0.0 <= m.dropout < 1.0, "model.dropout", f"is {m.dropout!r}",
-           "use a rate in [0, 1)")
-  _require(t.learning_rate > 0, "train.learning_rate",
-           f"is {t.learning_rate!r}", "use a positive learning rate")
-  _require(t.weight_decay >= 0, "train.weight_decay",
-           f"is {t.weight_decay!r}", "use a non-negative weight decay")
   _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2",
            f"are {t.beta1!r}/{t.beta2!r}", "use values in [0, 1)")
-  _require(t.muon_learning_rate > 0, "train.muon_learning_rate",
-           f"is {t.muon_learning_rate!r}", "use a positive learning rate")
   _require(0.0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
            f"is {t.min_learning_rate!r}",
            f"use a value from 0 to train.learning_rate ({t.learning_rate!r})")
   _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps < t.steps,
            "train.warmup_steps", f"is {t.warmup_steps!r}",
            f"use 0 or a count below train.steps ({t.steps})")
-  _require(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction",
-           f"is {t.decay_fraction!r}", "use a fraction in (0, 1]")
-  _require(t.grad_clip >= 0, "train.grad_clip", f"is {t.grad_clip!r}",
-           "use 0 (off) or a positive global norm")
   _require(isinstance(t.grad_accum_steps, int) and t.grad_accum_steps > 0,
            "train.grad_accum_steps", f"is {t.grad_accum_steps!r}",
            "set it to a positive integer")
@@ -193,10 +138,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(t.early_stop_evals, int) and t.early_stop_evals >= 0,
            "train.early_stop_evals", f"is {t.early_stop_evals!r}",
            "use 0 (off) or a positive count of evaluations")
-  _require(t.eps > 0, "train.eps", f"is {t.eps!r}", "use a small positive eps")
-  _require(isinstance(t.skip_nonfinite_updates, int) and t.skip_nonfinite_updates >= 0,
-           "train.skip_nonfinite_updates", f"is {t.skip_nonfinite_updates!r}",
-           "use 0 (stop at the first non-finite update) or a positive limit")
   _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
            "train.profile_steps", f"is {t.profile_steps!r}",
            "use 0 (off) or a positive count of steps to trace")
@@ -264,21 +205,17 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
   return shards
 
 
-# Fields of config.model that fix parameter shapes or the computation. A saved
-# config from before the recipe options has the lecture's: get_config()'s.
-_MODEL_FIELDS = ("name", "block_size", "n_embed", "n_heads", "n_layer", "activation", "bias",
-                 "qkv_bias", "tie_embeddings", "position")
-
-
 def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
                where: str) -> None:
   """Raises UserError naming the model fields, optimizer field or vocabulary that differ.
 
-  A saved config without a field (an older version's) has the default's value.
+  The model fields compared are those that fix parameter shapes or the
+  computation (`fits` in model.ModelConfig). A saved config without a field
+  (an older version's) has the default's value.
   """
   defaults = get_config()
   differ = {}
-  for field in _MODEL_FIELDS:
+  for field in (f.name for f in settings.declared(model.ModelConfig, "fits")):
     saved = saved_config["model"].get(field, defaults.model[field])
     if saved != config.model[field]:
       differ[field] = saved

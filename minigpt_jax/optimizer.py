@@ -15,10 +15,12 @@ Muon (`optax.contrib.muon`) updates the blocks' 2-D kernels at
 `muon_learning_rate`; AdamW updates the embeddings, the head, the LayerNorm
 gains and the biases at `learning_rate`. Both follow the schedule's shape.
 
-Owns: the schedule, the parameter groups, `make_optimizer`, and which train
-fields fix the optimizer state's layout. May import: optax, JAX.
+Owns: `OptimizerConfig` (the optimizer's fields of `config.train`), the
+schedule, the parameter groups, `make_optimizer`, and which fields fix the
+optimizer state's layout. May import: optax, JAX, settings.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -26,12 +28,66 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The train fields `make_optimizer` reads. Equal values (those it uses) give
-# the same object, so jit reuses its compilations, across a resume with more
-# steps at a constant rate too.
-_FIELDS = ("optimizer", "learning_rate", "muon_learning_rate", "schedule", "warmup_steps",
-           "min_learning_rate", "decay_fraction", "steps", "beta1", "beta2", "eps",
-           "weight_decay", "weight_decay_on", "grad_clip", "skip_nonfinite_updates")
+from minigpt_jax import settings
+from minigpt_jax.settings import one_of, rule, setting
+
+_POSITIVE_RATE = rule(lambda v: v > 0, "use a positive learning rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer's fields of `config.train`, declared once, plus `train.steps`.
+
+  config.get_config's defaults and config.validate's one-field checks follow
+  from these lines; `layout(train)` marks what fixes the optimizer state's
+  arrays, the default being the lecture's. Frozen and compared by value, so
+  equal settings build one optimizer and jit reuses its compilations.
+  """
+  optimizer: str = setting("adamw", '"adamw" | "muon" (hidden matrices; AdamW the rest)',
+                           check=one_of("adamw", "muon"), layout=lambda t: t["optimizer"])
+  learning_rate: float = setting(1e-3, "the peak; constant, as in the lecture",
+                                 check=_POSITIVE_RATE)
+  muon_learning_rate: float = setting(0.02, "muon's group; learning_rate is AdamW's",
+                                      check=_POSITIVE_RATE)
+  schedule: str = setting(
+      "constant", 'over train.steps: "constant" | "cosine" | "linear" | "wsd" (warmup, '
+      "stable, then a linear decay over the last decay_fraction)",
+      check=one_of("constant", "cosine", "linear", "wsd"),
+      layout=lambda t: t["schedule"] != "constant" or t["warmup_steps"] > 0)  # a step count
+  warmup_steps: int = setting(0, "linear from 0 to learning_rate")
+  min_learning_rate: float = setting(0.0, "where cosine, linear and wsd end")
+  decay_fraction: float = setting(0.2, "wsd: the share of steps spent decaying",
+                                  check=rule(lambda v: 0.0 < v <= 1.0, "use a fraction in (0, 1]"))
+  beta1: float = setting(0.9, "AdamW's first-moment decay (torch's default)")
+  beta2: float = setting(0.999, "AdamW's second-moment decay (torch's default)")
+  eps: float = setting(1e-8, "AdamW's (and Muon's) denominator guard",
+                       check=rule(lambda v: v > 0, "use a small positive eps"))
+  weight_decay: float = setting(0.01, "decoupled, as torch's AdamW (and Muon's group)",
+                                check=rule(lambda v: v >= 0, "use a non-negative weight decay"))
+  weight_decay_on: str = setting(
+      "all", '"all" (torch) | "matrices" (2-D and up, nanoGPT)', check=one_of("all", "matrices"),
+      layout=lambda t: t["weight_decay_on"])  # a masked state
+  grad_clip: float = setting(
+      0.0, "clip the global gradient norm to this; 0: off",
+      check=rule(lambda v: v >= 0, "use 0 (off) or a positive global norm"),
+      layout=lambda t: t["grad_clip"] > 0)  # a chained clip
+  skip_nonfinite_updates: int = setting(
+      0, "0: a non-finite loss or gradient stops the run; N > 0: such updates are skipped "
+      "(optax.apply_if_finite, counted in the metrics), N + 1 in a row stop it",
+      check=rule(lambda v: isinstance(v, int) and v >= 0,
+                 "use 0 (stop at the first non-finite update) or a positive limit"),
+      layout=lambda t: t["skip_nonfinite_updates"] > 0)
+  steps: int | None = dataclasses.field(default=None, kw_only=True)  # train.steps
+
+  @classmethod
+  def from_config(cls, train_config) -> "OptimizerConfig":
+    """From `config.train`; fields the optimizer does not use are None, so they match."""
+    t = cls(steps=train_config["steps"], **settings.read(cls, train_config))
+    if t.schedule == "constant" and t.warmup_steps == 0:
+      t = dataclasses.replace(t, steps=None, min_learning_rate=None, decay_fraction=None)
+    if t.optimizer != "muon":
+      t = dataclasses.replace(t, muon_learning_rate=None)
+    return t
 
 
 def learning_rate(train_config, peak: float | None = None):
@@ -85,23 +141,14 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   """The `config.train` optimizer; with skip_nonfinite_updates = N > 0, in apply_if_finite.
 
   That wrapper drops an update whose gradients are not finite, up to N in a row.
+  Equal values (those it uses) give the same object, so jit reuses its
+  compilations, across a resume with more steps at a constant rate too.
   """
-  fields = {f: train_config[f] for f in _FIELDS}
-  if fields["schedule"] == "constant" and fields["warmup_steps"] == 0:
-    fields.update(steps=None, min_learning_rate=None, decay_fraction=None)  # unused
-  if fields["optimizer"] != "muon":
-    fields["muon_learning_rate"] = None
-  return _build(tuple(fields.items()))
-
-
-class _Fields(dict):
-  """Train fields read as attributes, like the ConfigDict they came from."""
-  __getattr__ = dict.__getitem__
+  return _build(OptimizerConfig.from_config(train_config))
 
 
 @functools.cache
-def _build(fields: tuple) -> optax.GradientTransformation:
-  t = _Fields(fields)
+def _build(t: OptimizerConfig) -> optax.GradientTransformation:
   mask = _decay_mask if t.weight_decay_on == "matrices" else None
   tx = optax.adamw(learning_rate(t), b1=t.beta1, b2=t.beta2, eps=t.eps,
                    weight_decay=t.weight_decay, mask=mask)
@@ -116,24 +163,15 @@ def _build(fields: tuple) -> optax.GradientTransformation:
   return tx
 
 
-# What fixes the optimizer state's layout, per train field, and the lecture's values.
-_LAYOUT = {"optimizer": (lambda t: t["optimizer"], "adamw"),
-           "schedule": (lambda t: t["schedule"] != "constant" or t["warmup_steps"] > 0,
-                        "constant"),  # a schedule keeps a step count
-           "weight_decay_on": (lambda t: t["weight_decay_on"], "all"),  # a masked state
-           "grad_clip": (lambda t: t["grad_clip"] > 0, 0.0),  # a chained clip
-           "skip_nonfinite_updates": (lambda t: t["skip_nonfinite_updates"] > 0, 0)}
-
-
 def layout_change(saved_train: dict, train_config) -> str | None:
   """The first train field whose change alters the optimizer state's arrays, or None.
 
   A checkpoint cannot resume across such a change. Fields missing from a
   saved config (an older version's) read as the lecture's values.
   """
-  saved = {"warmup_steps": 0, **{f: d for f, (_, d) in _LAYOUT.items()}, **saved_train}
-  now = {f: train_config[f] for f in (*_LAYOUT, "warmup_steps")}
-  for field, (key, _) in _LAYOUT.items():
-    if key(saved) != key(now):
-      return field
+  saved = {**settings.defaults(OptimizerConfig), **saved_train}
+  for field in settings.declared(OptimizerConfig, "layout"):
+    key = field.metadata["layout"]
+    if key(saved) != key(train_config):
+      return field.name
   return None

@@ -1,11 +1,12 @@
 """Tests for minigpt_jax.config and the experiment files in configs/."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-from minigpt_jax import config as config_lib
+from minigpt_jax import config as config_lib, model, optimizer, settings
 from minigpt_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -195,3 +196,51 @@ def test_check_fits_reads_a_saved_config_without_the_options_as_the_lecture_s():
                                       r"--config.model.activation='relu' --config.model.bias=True "
                                       r"or use a new --workdir"):
     config_lib.check_fits(saved, vocab, config, vocab, "runs/old")
+
+
+def test_a_model_field_declared_once_reaches_config_model_config_and_check_fits(monkeypatch):
+  """One `setting` line: get_config's default, validate's check, from_config, check_fits."""
+  @dataclasses.dataclass(frozen=True)
+  class WithGates(model.ModelConfig):
+    n_gates: int = settings.setting(2, "gates per block", check=settings.positive_int,
+                                    fits=True)
+
+  monkeypatch.setattr(model, "ModelConfig", WithGates)
+  config = config_lib.get_config()
+  assert config.model.n_gates == 2
+  config_lib.validate(config)
+  assert WithGates.from_config(config.model, 65).n_gates == 2
+  config.model.n_gates = 0
+  with pytest.raises(UserError, match=r"config.model.n_gates is 0; set it to a positive integer"):
+    config_lib.validate(config)
+  config.model.n_gates = 3
+  assert WithGates.from_config(config.model, 65).n_gates == 3
+  saved, vocab = config_lib.get_config().to_dict(), {"chars": "ab"}
+  with pytest.raises(UserError, match=r"config.model.n_gates=2 but this config has 3; "
+                                      r"pass --config.model.n_gates=2 or use a new --workdir"):
+    config_lib.check_fits(saved, vocab, config, vocab, "runs/old")
+  del saved["model"]["n_gates"]  # a checkpoint from before the field: its default
+  assert WithGates.from_config(saved["model"], 65).n_gates == 2
+  config.model.n_gates = 2
+  config_lib.check_fits(saved, vocab, config, vocab, "runs/old")
+
+
+def test_the_declarations_give_the_config_and_read_it_back():
+  """config.model and the optimizer's train fields come from their dataclasses."""
+  config = config_lib.get_config()
+  assert dict(config.model) == settings.defaults(model.ModelConfig)
+  assert "vocab_size" not in config.model  # the corpus', not a setting
+  for name, default in settings.defaults(optimizer.OptimizerConfig).items():
+    assert config.train[name] == default, name
+  cfg = model.ModelConfig.from_config(config.model, 65)
+  assert isinstance(cfg.cpu_tricks, bool) and cfg.vocab_size == 65
+  assert cfg == model.ModelConfig.from_config(config.model.to_dict(), 65)
+  fits = {f.name for f in settings.declared(model.ModelConfig, "fits")}
+  assert fits == {"name", "block_size", "n_embed", "n_heads", "n_layer", "activation", "bias",
+                  "qkv_bias", "tie_embeddings", "position"}
+  layout = [f.name for f in settings.declared(optimizer.OptimizerConfig, "layout")]
+  assert layout == ["optimizer", "schedule", "weight_decay_on", "grad_clip",
+                    "skip_nonfinite_updates"]
+  for field in (*settings.declared(model.ModelConfig),
+                *settings.declared(optimizer.OptimizerConfig)):
+    assert "\n" not in field.metadata["meaning"], field.name

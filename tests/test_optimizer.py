@@ -190,3 +190,16 @@ def test_early_stopping_stops_saving_when_val_stalls_and_bpc_is_reported(tmp_pat
                                   show_progress=False)
   assert again["step"] == 20 and again["early_stopped"]
   assert lines[-1].startswith("already stopped early at step 20")
+
+
+def test_equal_settings_give_the_same_optimizer_object():
+  """jit reuses its compilations: steps matter only to a schedule, muon's rate only to muon."""
+  def train(**changes):
+    t = config_lib.get_config().train
+    t.update(changes)
+    return t
+  assert optimizer.make_optimizer(train()) is optimizer.make_optimizer(
+      train(steps=7, min_learning_rate=1e-4, muon_learning_rate=0.5))
+  cosine = optimizer.make_optimizer(train(schedule="cosine"))
+  assert cosine is optimizer.make_optimizer(train(schedule="cosine").to_dict())
+  assert cosine is not optimizer.make_optimizer(train(schedule="cosine", steps=7))
