@@ -1,6 +1,9 @@
 """Loss and bits per character of a checkpoint, without training or its optimizer state.
 
-  python launch/evaluate.py --workdir=runs/frost_t4 --best
+  python launch/evaluate.py --config=configs/frost_t4.py --best
+
+--config=FILE finds the run `python launch/train.py --config=FILE` made, in
+runs/<FILE's stem>; --workdir=FOLDER names any run folder (and wins over --config).
 
 Evaluates on the run's own corpus (its train and val splits, with the batches
 the run's evaluation drew at that step, so with the run's eval_iters the
@@ -22,18 +25,22 @@ from absl import flags  # noqa: E402
 
 from minigpt_jax import cli, evaluate  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
+                                "(or pass --config).")
+_CONFIG = flags.DEFINE_string(
+    "config", None, "In place of --workdir: the config file train.py ran with, for its "
+    "default run folder runs/<the file's stem>. --workdir, when given, wins.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
 _EVAL_ITERS = flags.DEFINE_integer("eval_iters", None,
                                    "Batches per split (default: the run's eval_iters).")
 _PATH = flags.DEFINE_string("path", None, "Evaluate on this UTF-8 text file instead of the "
                             "run's corpus (one split, `text`).")
-flags.mark_flag_as_required("workdir")
 
 
 def main():
-  result = evaluate.evaluate(_WORKDIR.value, step=_STEP.value, best=_BEST.value,
+  workdir = cli.run_folder(_WORKDIR.value)
+  result = evaluate.evaluate(workdir, step=_STEP.value, best=_BEST.value,
                              eval_iters=_EVAL_ITERS.value, path=_PATH.value)
   print(evaluate.summary_line(result), file=sys.stderr)
   print(json.dumps(result))

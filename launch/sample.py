@@ -1,6 +1,9 @@
 """Sample text from a trained checkpoint, without the corpus.
 
-  python launch/sample.py --workdir=runs/frost_t4 --prompt="THE PASTURE" --num_tokens=500
+  python launch/sample.py --config=configs/frost_t4.py --prompt="THE PASTURE" --num_tokens=500
+
+--config=FILE finds the run `python launch/train.py --config=FILE` made, in
+runs/<FILE's stem>; --workdir=FOLDER names any run folder (and wins over --config).
 
 Only the generated text (prompt included) goes to stdout, so it can be piped;
 several samples are separated by a line of dashes. Logs go to stderr.
@@ -24,7 +27,11 @@ from absl import flags  # noqa: E402
 from minigpt_jax import cli, sampling  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
+                                "(or pass --config).")
+_CONFIG = flags.DEFINE_string(
+    "config", None, "In place of --workdir: the config file train.py ran with, for its "
+    "default run folder runs/<the file's stem>. --workdir, when given, wins.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: a newline).")
@@ -37,10 +44,10 @@ _NAIVE = flags.DEFINE_bool("naive", False, "Decode as the lecture does, without 
                            "last block_size characters rerun for each new one (slow).")
 _STREAM = flags.DEFINE_bool("stream", False, "Print characters as they are generated "
                             "(one sample, KV decode).")
-flags.mark_flag_as_required("workdir")
 
 
 def main():
+  workdir = cli.run_folder(_WORKDIR.value)
   if _BEST.value and _STEP.value is not None:
     raise UserError("--step and --best pick different checkpoints; pass only one")
   sampling.validate_request(_NUM_TOKENS.value, _TEMPERATURE.value, _TOP_K.value,
@@ -50,11 +57,11 @@ def main():
   if _STREAM.value and _NUM_SAMPLES.value > 1:
     raise UserError("--stream prints one sample; drop --num_samples or --stream")
   model_cfg, params, tokenizer, step = sampling.load_for_sampling(
-      _WORKDIR.value, step=_STEP.value, best=_BEST.value)
+      workdir, step=_STEP.value, best=_BEST.value)
   prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
   unit = "characters" if tokenizer.kind == "char" else "tokens"
   print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} {unit} from step {step} "
-        f"of {_WORKDIR.value}", file=sys.stderr)
+        f"of {workdir}", file=sys.stderr)
   key = jax.random.PRNGKey(_SEED.value)
   if _STREAM.value:
     print(prompt, end="", flush=True)

@@ -8,9 +8,9 @@ traceback. Ctrl-C ends it with status 130 after the loop has saved its work.
 benchmark.py, which times compilation) turns on JAX's persistent compilation
 cache, see minigpt_jax/compile_cache.py.
 
-Owns: flag parsing, the `--compile_cache` flag, and the error and exit-status
-policy of the launchers. May import: absl, errors, compile_cache; nothing that
-loads JAX at import.
+Owns: flag parsing, the `--compile_cache` flag, the default run folder
+(runs/<config stem>), and the error and exit-status policy of the launchers.
+May import: absl, errors, compile_cache; nothing that loads JAX at import.
 """
 
 import logging
@@ -78,6 +78,19 @@ def _check_config_files() -> None:
       raise
     except Exception as e:  # a config file that fails to import or run
       raise UserError(f"config file {path} could not be loaded: {e}") from None
+
+
+def run_folder(workdir: str | None, config: str = "config") -> Path:
+  """`workdir`, else runs/<stem of the --config file> in the current folder (nanoGPT's
+  out_dir), so the bare `--config=configs/NAME.py` command names, and resumes, one folder."""
+  if workdir:
+    return Path(workdir)
+  flag = flags.FLAGS[config]
+  filename = getattr(flag, "config_filename", None) or flag.value
+  if not filename:
+    raise UserError(f"pass --workdir=RUN_FOLDER, or --{config}=configs/NAME.py for the "
+                    "folder train.py gave that config, runs/NAME")
+  return Path("runs") / Path(filename.split(":", 1)[0]).stem
 
 
 def run(main, argv=None, compile_cache_default: bool = True) -> None:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ TINY = ["--config.model.block_size=16", "--config.model.n_embed=32", "--config.m
         "--config.train.log_every=10", "--config.checkpoint.keep=2"]
 
 
-def _cli(script, *args, check=True, **kwargs):
-  result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT,
+def _cli(script, *args, check=True, cwd=ROOT, **kwargs):
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300, **kwargs)
   if check and result.returncode != 0:
     raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -161,6 +162,27 @@ def test_train_cli_errors_are_one_line(tmp_path):
   # An override makes ml_collections read the file while flags are parsed.
   assert_one_line_error(_cli("train.py", "--config=configs/nope.py", "--config.train.steps=3",
                        f"--workdir={tmp_path}", check=False), "configs/nope.py does not exist")
+
+
+def test_the_bare_config_command_uses_runs_stem_resumes_and_samples(tmp_path):
+  """The brief's command has no --workdir: the folder is runs/<config stem> in the current
+  folder, the same command resumes there, and sample.py finds it from the config alone."""
+  shutil.copytree(ROOT / "configs", tmp_path / "configs")
+  env = dict(os.environ)
+  if env.get("MINIGPT_DATA_DIR"):  # relative to the repo root, where pytest runs
+    env["MINIGPT_DATA_DIR"] = str(Path(env["MINIGPT_DATA_DIR"]).resolve())
+  args = ["--config=configs/frost_cpu.py", "--config.train.steps=20",
+          "--config.train.eval_interval=20", "--config.train.sample_tokens=0", *TINY]
+  first = _cli("train.py", *args, cwd=tmp_path, env=env)
+  assert first.stderr.splitlines()[0].startswith("training from scratch in runs/frost_cpu:")
+  assert (tmp_path / "runs" / "frost_cpu" / "summary.json").is_file()
+  again = _cli("train.py", *args, cwd=tmp_path, env=env)
+  assert again.stderr.splitlines()[0].startswith("resuming from step 20 in runs/frost_cpu:")
+  sample = _cli("sample.py", "--config=configs/frost_cpu.py", "--num_tokens=10", cwd=tmp_path,
+                env=env)
+  assert "of runs/frost_cpu" in sample.stderr and len(sample.stdout) == 1 + 10 + 1
+  assert_one_line_error(_cli("evaluate.py", cwd=tmp_path, env=env, check=False),
+                        "--workdir", "--config")
 
 
 def test_resuming_with_a_config_that_does_not_fit_names_the_field(trained):
