@@ -12,7 +12,7 @@ none at step 0: on this small val text that is precise enough), and early
 stopping after 3 without a new best, keep the run from the over-fitting that
 frost_cpu and frost_t4 end in.
 Measured: best val 1.642 at the last step, in 514 s on a 2-core CPU, against
-frost_cpu's best 1.82 (README "Recipes", with the sweep behind it).
+frost_cpu's best 1.82 (docs/recipes.md, with the sweep behind it).
 """
 
 from minigpt_jax.config import get_config as base_config

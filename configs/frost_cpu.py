@@ -15,7 +15,7 @@ def get_config():
   config.model.update(name="gpt", block_size=32, n_embed=64, n_heads=4, n_layer=4,
                       dropout=0.0)
   # 50 steps (one log interval) per compiled call: the same losses, faster at
-  # this size, where a step takes milliseconds (README "Speed").
+  # this size, where a step takes milliseconds (docs/speed.md).
   config.train.update(batch_size=16, steps=5000, learning_rate=1e-3,
                       eval_interval=500, eval_iters=200, steps_per_dispatch=50)
   return config

@@ -14,7 +14,7 @@ def get_config():
   config.data.corpus = "frost"
   config.model.update(name="gpt", block_size=128, n_embed=256, n_heads=4, n_layer=4,
                       dropout=0.2)
-  # 10 steps per compiled call: the same losses, faster on CPU (README "Speed").
+  # 10 steps per compiled call: the same losses, faster on CPU (docs/speed.md).
   config.train.update(batch_size=64, steps=5000, learning_rate=3e-4,
                       eval_interval=500, eval_iters=200, steps_per_dispatch=10)
   return config

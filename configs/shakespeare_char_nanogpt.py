@@ -10,7 +10,7 @@ steps, then cosine down to 1e-4 at step 5000; batch 64.
 nanoGPT's README reports best val 1.4697 after 5000 steps (about 3 minutes on
 an A100). Like `shakespeare_char`, it is a GPU config: far too slow on 2 CPU
 cores. Measured here: not yet, as no GPU has been lent to measure it on
-(README "Recipes" gets the figures then).
+(docs/recipes.md gets the figures then).
 """
 
 from minigpt_jax.config import get_config as base_config

@@ -12,7 +12,7 @@ positions, GELU and a head tied to the embedding. The recipe: batch 32 for
 matrices, clipping at 1.0; one evaluation, at the end, over 75 batches of 32
 a split (the 2,400 windows of torch_ref's 200 batches of 12).
 Measured: val 1.679 at step 500, against torch_ref's 1.806, in about 0.9 of
-its wall time on a 2-core CPU (README "Recipes", with the sweeps behind it).
+its wall time on a 2-core CPU (docs/recipes.md, with the sweeps behind it).
 """
 
 from minigpt_jax.config import get_config as base_config

@@ -21,5 +21,5 @@ except ImportError:
 
 def start(module_name: str, huge_pages: bool = True) -> None:
   if module_name == "__main__" and huge_pages:
-    from minigpt_jax import hugepages
+    from minigpt_jax.support import hugepages
     hugepages.restart_with_huge_pages()

@@ -40,7 +40,9 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import benchmark, cli, parallel  # noqa: E402
+from minigpt_jax import parallel  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
+from minigpt_jax.tools import benchmark  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"

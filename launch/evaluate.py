@@ -23,7 +23,8 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 
 from absl import flags  # noqa: E402
 
-from minigpt_jax import cli, evaluate  # noqa: E402
+from minigpt_jax.tools import evaluate  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
                                 "(or pass --config).")

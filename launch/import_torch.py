@@ -35,8 +35,9 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import (checkpoint, cli, config as config_lib, data, files, torch_import,  # noqa: E402
-                         tokenizer as tokenizer_lib, train, workdir_lock)
+from minigpt_jax import config as config_lib, data, tokenizer as tokenizer_lib, train  # noqa: E402
+from minigpt_jax.support import checkpoint, cli, files, workdir_lock  # noqa: E402
+from minigpt_jax.tools import torch_import  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 from minigpt_jax.model import ModelConfig, count_params  # noqa: E402
 

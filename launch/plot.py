@@ -15,7 +15,8 @@ import _preamble  # noqa: F401  first: the installed package, or one error line
 
 from absl import flags  # noqa: E402
 
-from minigpt_jax import cli, plotting  # noqa: E402
+from minigpt_jax.tools import plotting  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_multi_string(
     "workdir", None,

@@ -21,7 +21,8 @@ import _preamble  # noqa: F401  first: the installed package, or one error line
 
 from absl import flags  # noqa: E402
 
-from minigpt_jax import cli, config as config_lib, data, tokenizer, tokens  # noqa: E402
+from minigpt_jax import config as config_lib, data, prepare, tokenizer, tokens  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 _CORPUS = flags.DEFINE_string("corpus", None, "A corpus name of minigpt_jax/corpora.json.")
@@ -55,8 +56,8 @@ def main():
     raise UserError(message) from None
   source, _ = tokens.config_source(config)
   start = time.perf_counter()
-  meta = tokens.prepare(source, Path(_OUT.value), _TOKENIZER.value, _VOCAB_SIZE.value,
-                        _TRAIN_FRACTION.value)
+  meta = prepare.prepare(source, Path(_OUT.value), _TOKENIZER.value, _VOCAB_SIZE.value,
+                         _TRAIN_FRACTION.value)
   seconds = time.perf_counter() - start
   mb = meta["source"]["bytes"] / 1e6
   print(f"prepared {source.name} ({mb:.1f} MB, {meta['train']['chars'] + meta['val']['chars']:,}"

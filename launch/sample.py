@@ -24,7 +24,8 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from minigpt_jax import cli, sampling  # noqa: E402
+from minigpt_jax import sampling  # noqa: E402
+from minigpt_jax.support import cli, restore  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
@@ -56,8 +57,8 @@ def main():
     raise UserError("--stream works with the KV decode only; drop --naive or --stream")
   if _STREAM.value and _NUM_SAMPLES.value > 1:
     raise UserError("--stream prints one sample; drop --num_samples or --stream")
-  model_cfg, params, tokenizer, step = sampling.load_for_sampling(
-      workdir, step=_STEP.value, best=_BEST.value)
+  model_cfg, params, tokenizer, step = restore.load(
+      workdir, step=_STEP.value, best=_BEST.value)[1:]
   prompt_ids, prompt = sampling.encode_prompt(tokenizer, _PROMPT.value, _NUM_SAMPLES.value)
   unit = "characters" if tokenizer.kind == "char" else "tokens"
   print(f"sampling {_NUM_SAMPLES.value} x {_NUM_TOKENS.value} {unit} from step {step} "

@@ -15,7 +15,8 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import cli, sweep  # noqa: E402
+from minigpt_jax.tools import sweep  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string(

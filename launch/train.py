@@ -7,7 +7,7 @@ folder's latest checkpoint. Any config field can be overridden, e.g.
 
 Several processes (hosts) train one model when each runs this command with
 --coordinator_address, --num_processes and --process_id, or with --distributed
-where JAX finds them itself (Slurm, TPU VMs); see README "More than one device".
+where JAX finds them itself (Slurm, TPU VMs); see docs/scale.md.
 """
 
 import sys
@@ -19,7 +19,9 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import cli, loop, parallel  # noqa: E402
+from minigpt_jax import loop, parallel  # noqa: E402
+from minigpt_jax.tools import finish  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, summary.json "
@@ -45,12 +47,12 @@ def main():
   workdir = cli.run_folder(_WORKDIR.value)
 
   def end_of_run(end: loop.EndOfRun):
-    samples.append(loop.plot_and_sample(end, config.train.sample_tokens))
+    samples.append(finish.plot_and_sample(end, config.train.sample_tokens))
 
   summary = loop.train_and_evaluate(config, workdir, on_end=end_of_run)
   if not parallel.is_main_process():
     return
-  print(loop.done_line(summary, workdir), file=sys.stderr)
+  print(finish.done_line(summary, workdir), file=sys.stderr)
   if samples and samples[0] is not None:
     print(samples[0])
 

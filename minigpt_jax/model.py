@@ -161,7 +161,7 @@ def cudnn_causal_attention(q_BTHD, k_BTHD, v_BTHD):
 
   None off NVIDIA GPUs, in float32 (cuDNN's kernel is bf16/fp16 only), or
   where cuDNN turns the shapes down at trace time. On CPU, XLA's own
-  dot_product_attention is slower than the explicit softmax (README "Speed"),
+  dot_product_attention is slower than the explicit softmax (docs/speed.md),
   so it is not used there.
   """
   if jax.default_backend() != "gpu" or q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):

@@ -39,7 +39,7 @@ def set_cpu_devices(num_devices: int) -> None:
 
   XLA:CPU spreads a single small program over cores poorly, so two devices
   with half the batch each train faster than one on a 2-core machine
-  (README "Speed"). Must run before JAX's first operation.
+  (docs/speed.md). Must run before JAX's first operation.
   """
   if num_devices < 1:
     raise UserError(f"--cpu_devices is {num_devices}; use a positive integer")

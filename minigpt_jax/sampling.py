@@ -23,15 +23,13 @@ Step i draws with fold_in(key, i), so for the same key "kv" gives exactly the
 tokens of "naive" (and of naive "chunked" past block_size), up to float
 rounding in the logits, which the tests show does not change a token.
 
-Owns: `make_generate`, `make_stream`, prompt encoding, `load_for_sampling`
-(a checkpoint to (model config, params, tokenizer)) and `load_params` (the
-same with the saved config, for evaluation). May import: model,
-checkpoint, cpu_tricks, tokenizer, errors.
+Loading a checkpoint to decode is `support.restore.load`.
+
+Owns: `make_generate`, `make_stream`, prompt encoding and checks. May
+import: model, cpu_tricks, errors.
 """
 
 import functools
-import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -39,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from minigpt_jax import checkpoint, cpu_tricks, tokenizer as tokenizer_lib
+from minigpt_jax import cpu_tricks
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import ModelConfig, build_model, init_cache, init_params
+from minigpt_jax.model import ModelConfig, build_model, init_cache
 
 METHODS = ("kv", "naive")
 WINDOWS = ("crop", "chunked")
@@ -371,70 +369,3 @@ def encode_prompt(tokenizer, prompt: str, num_samples: int = 1):
                     f"{''.join(missing)!r}; remove or replace them")
   ids_P = tokenizer.encode(prompt)
   return jnp.tile(jnp.asarray(ids_P)[None, :], (num_samples, 1)), prompt
-
-
-class Loaded(NamedTuple):
-  """A checkpoint without its optimizer state: what sampling and evaluation need."""
-  config: dict  # the run's config, as saved
-  model_cfg: ModelConfig
-  params: Any  # on this process' first device
-  tokenizer: Any  # tokenizer.CharTokenizer or BpeTokenizer
-  step: int
-
-
-def load_for_sampling(workdir: str | Path, step: int | None = None, best: bool = False,
-                      warn=None):
-  """(model_cfg, params, tokenizer, step) from a workdir's checkpoint alone (`load_params`)."""
-  loaded = load_params(workdir, step, best, warn)
-  return loaded.model_cfg, loaded.params, loaded.tokenizer, loaded.step
-
-
-def load_params(workdir: str | Path, step: int | None = None, best: bool = False,
-                warn=None) -> Loaded:
-  """A workdir's checkpoint: its config, vocabulary and params, no optimizer state.
-
-  Without `step`, the newest (or with `best`, the best) step that restores:
-  each damaged one is a `warn` line. An explicit damaged `step` is a UserError.
-  """
-  warn = warn or (lambda line: print(line, file=sys.stderr))
-  if not (Path(workdir) / "checkpoints").is_dir():
-    raise UserError(f"no checkpoints in {workdir}; train first with "
-                    f"python launch/train.py --config=CONFIG --workdir={workdir}")
-  mngr = checkpoint.manager(workdir)
-  steps = mngr.all_steps()
-  if not steps:
-    raise UserError(f"no finished checkpoint in {workdir}; train longer (checkpoints "
-                    "are saved at every evaluation)")
-  if best:
-    candidates = checkpoint.steps_by_val_loss(mngr, warn)
-    if not candidates:
-      raise UserError(f"no checkpoint in {workdir} has a val loss; drop --best")
-  elif step is None:
-    candidates = steps
-  elif step not in steps:
-    raise UserError(f"no checkpoint at step {step} in {workdir}; available steps: "
-                    f"{', '.join(map(str, steps))}")
-
-  def load(step):
-    config_dict, vocab, _ = checkpoint.restore_json(mngr, step)
-    vocab = tokenizer_lib.from_json(vocab)
-    model_cfg = ModelConfig.from_config(config_dict["model"], vocab.vocab_size)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        jax.eval_shape(lambda: init_params(build_model(model_cfg), jax.random.PRNGKey(0))))
-    return config_dict, model_cfg, checkpoint.restore_params(mngr, step, abstract), vocab
-
-  if step is not None:  # an explicit step: no fallback
-    try:
-      config_dict, model_cfg, params, vocab = load(step)
-    except checkpoint.Damaged as e:
-      others = [s for s in steps if s != step]
-      raise UserError(f"{e} (in {workdir}); pick another with --step "
-                      f"({', '.join(map(str, others)) or 'none left'}) or drop --step "
-                      "for the newest good one") from None
-  else:  # newest first, or best first: the order of `candidates`
-    step, (config_dict, model_cfg, params, vocab) = checkpoint.restore_newest(mngr, load, warn, candidates,
-                                                                 newest_first=not best)
-  mngr.close()
-  return Loaded(config_dict, model_cfg, params, vocab, step)

@@ -1,358 +1,39 @@
-"""Prepared token folders: a text tokenized once into `train.bin`/`val.bin`, then memory-mapped.
+"""Reading token folders, and choosing the one a training config reads.
 
-`prepare(source, out, kind, vocab_size, train_fraction)` writes a folder of
-
-- `train.bin`, `val.bin`: the ids as raw little-endian uint16 (a vocabulary of
-  up to 65536 tokens) or uint32, nanoGPT's layout;
-- `tokenizer.json`: `tokenizer.to_json()`, the form checkpoints save;
-- `meta.json`: the source (name, path, bytes, sha256), the tokenizer, the
-  dtype, `train_fraction`, and the tokens and characters of each split.
-
-It streams: the text is read in chunks of a few MB (an incremental UTF-8
-decoder carries a character cut by a chunk's end), never whole, so memory
-stays flat however long the text is. The first pass hashes the file, counts
-its characters and collects them (a character vocabulary is the sorted set of
-the whole text's characters, as the lecture builds it, so ids are unchanged).
-The split is made on the text, as before: the first `int(train_fraction *
-characters)` characters are train, the rest val, and each side is encoded on
-its own. Characters encode vectorized (UTF-32 code points through a lookup
-table); BPE is trained on the train side only, then both sides are encoded by
-the library's parallel batch encoder, in pieces cut after a newline between
-two non-space characters. The byte-level pre-tokenizer never joins across
-such a cut, so the pieces give exactly the ids of encoding each side whole.
-
-The folder is written under a temporary name and renamed when complete: a
-killed prepare leaves no folder that reads as prepared, and the next prepare of
-the same folder removes what a SIGKILL left (`remove_stale_temps`).
+A token folder is what `prepare.prepare` writes (its docstring gives the
+format). `open_tokens` checks a folder and memory-maps its splits.
 
 `for_config(config)` is the folder a training config reads: `config.data.tokens`,
 or one prepared on the fly into the cache `~/.cache/minigpt_jax/tokens/<key>` (`cache_dir()`), the
 key being the source's sha256, the tokenizer settings and `train_fraction`, so
 a second run reuses it; a `path` text's sha256 is remembered there too
-(`source_sha256`), so it is read once, not at every start. `open_tokens`
-checks a folder and memory-maps its splits.
+(`source_sha256`), so it is read once, not at every start.
 
-Owns: the token folder format, `prepare`, `open_tokens`, the cache.
-May import: numpy, data, files, tokenizer, errors.
+`load_corpus(config)` is what training reads: the config checked against the
+data, and the folder's splits as a `Corpus`.
+
+Owns: `open_tokens`, the cache, which folder a config reads (`for_config`),
+`Corpus` and `load_corpus`. May import: numpy, config, data, prepare,
+tokenizer, errors, support.files.
 """
 
-import codecs
-import glob
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from minigpt_jax import data, files, tokenizer as tokenizer_lib
+from minigpt_jax import config as config_lib, data, prepare, tokenizer as tokenizer_lib
+from minigpt_jax.support import files
 from minigpt_jax.errors import UserError
-
-FORMAT = 1
-FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
-SPLITS = ("train", "val")
-CHUNK_BYTES = 4 << 20  # read size: memory per chunk is a small multiple of it
-_BPE_PIECE_CHARS = 1 << 16  # the batch encoder's unit of parallel work
-_BPE_MAX_CARRY = 64 << 20  # characters without a safe cut before one is forced
-_UNICODE = 0x110000
-# After a newline between two non-space characters, byte-level BPE's
-# pre-tokenizer starts a new word on both sides, whatever text surrounds them.
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 def cache_dir() -> Path:
   """Where `for_config` prepares: beside the downloaded corpora, in the user's cache."""
   return data.user_cache_dir() / "tokens"
-
-
-def dtype_for(vocab_size: int) -> np.dtype:
-  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-# -- Reading the text in chunks ------------------------------------------------------------
-
-
-class Source(NamedTuple):
-  path: Path
-  name: str  # for logs and meta.json: a corpus name or the path
-
-
-def _check_source(path: Path) -> None:
-  if not path.is_file():
-    raise UserError(f"text file {path} does not exist; check config.data.path or --path")
-  if path.stat().st_size == 0:
-    raise UserError(f"text file {path} is empty; point config.data.path (or --path) at a text")
-
-
-def _chunks(path: Path) -> Iterator[tuple[bytes, str, bool]]:
-  """(raw bytes, decoded text, whether they are the same ASCII) chunks of a UTF-8 file.
-
-  Bytes that are not UTF-8 are a one-line error.
-  """
-  decoder = codecs.getincrementaldecoder("utf-8")()
-  offset, cr = 0, ""
-  with open(path, "rb") as f:
-    while True:
-      raw = f.read(CHUNK_BYTES)
-      try:
-        text = decoder.decode(raw, final=not raw)
-      except UnicodeDecodeError as e:
-        at = offset - len(decoder.getstate()[0]) + e.start
-        raise UserError(f"text file {path} is not UTF-8 ({e.reason} near byte {at}); "
-                        "convert it to UTF-8") from None
-      offset += len(raw)
-      # Universal newlines, as Path.read_text reads: \r\n and \r become \n; a \r
-      # that ends a chunk waits for the next, which may start with \n.
-      same = not cr and raw.isascii() and b"\r" not in raw  # then text is raw, decoded
-      text, cr = cr + text, ""
-      if raw and text.endswith("\r"):
-        text, cr = text[:-1], "\r"
-      if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-      if text or raw:
-        yield raw, text, same
-      if not raw:
-        return
-
-
-def _codepoints(raw: bytes, text: str, same: bool) -> np.ndarray:
-  """The code points of a chunk's text: its bytes themselves where it is ASCII (fast)."""
-  if same:
-    return np.frombuffer(raw, dtype=np.uint8)
-  return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-
-
-class _Scan(NamedTuple):
-  sha256: str
-  bytes: int
-  chars: int
-  codepoints: np.ndarray  # sorted, the text's distinct characters
-
-
-def _scan(path: Path) -> _Scan:
-  """The first pass: sha256, size, character count and character set, chunk by chunk."""
-  digest, n_bytes, n_chars = hashlib.sha256(), 0, 0
-  seen = np.zeros(_UNICODE, dtype=bool)
-  for raw, text, same in _chunks(path):
-    digest.update(raw)
-    n_bytes += len(raw)
-    n_chars += len(text)
-    if same:  # ASCII: only bytes not seen yet need a look, and bytes.translate finds them
-      new = raw.translate(None, np.flatnonzero(seen[:128]).astype(np.uint8).tobytes())
-      seen[np.unique(np.frombuffer(new, dtype=np.uint8))] = True
-    else:
-      seen[_codepoints(raw, text, same)] = True
-  return _Scan(digest.hexdigest(), n_bytes, n_chars, np.flatnonzero(seen).astype(np.uint32))
-
-
-def _split_texts(path: Path, n_train: int, codepoints: bool = False):
-  """(split, piece) in file order, the first `n_train` characters being train.
-
-  A piece is text, or with `codepoints` the array of its code points.
-  """
-  done = 0
-  for raw, text, same in _chunks(path):
-    piece = _codepoints(raw, text, same) if codepoints else text
-    if done >= n_train:
-      yield "val", piece
-    elif done + len(text) <= n_train:
-      yield "train", piece
-    else:
-      cut = n_train - done
-      yield "train", piece[:cut]
-      yield "val", piece[cut:]
-    done += len(text)
-
-
-def _of_split(path: Path, n_train: int, split: str) -> Iterator[str]:
-  for side, text in _split_texts(path, n_train):
-    if side == split and len(text):
-      yield text
-
-
-def _safe_pieces(texts: Iterator[str]) -> Iterator[list[str]]:
-  """Lists of pieces of the concatenated `texts`, each ending at a `_SAFE_CUT`."""
-  carry, piece_chars = "", _BPE_PIECE_CHARS
-  for text in texts:
-    buf, start, pieces = carry + text, 0, []
-    while (m := _SAFE_CUT.search(buf, start + piece_chars)) is not None:
-      pieces.append(buf[start:m.end()])
-      start = m.end()
-    carry = buf[start:]
-    if len(carry) > _BPE_MAX_CARRY:  # a text without newlines: cut anyway
-      pieces.append(carry)
-      carry = ""
-    if pieces:
-      yield pieces
-  if carry:
-    yield [carry]
-
-
-# -- Writing a folder ----------------------------------------------------------------------
-
-
-class _IdWriter:
-  """Appends ids to a .bin file in `dtype`, refusing an id the dtype cannot hold."""
-
-  def __init__(self, path: Path, dtype: np.dtype):
-    self.path, self.dtype, self.count = path, dtype, 0
-    self._f = open(path, "wb")
-
-  def write(self, ids: np.ndarray) -> None:
-    if ids.size == 0:
-      return
-    if ids.dtype.itemsize > self.dtype.itemsize:  # a wider id may not fit
-      top = int(ids.max())
-      if top > np.iinfo(self.dtype).max:
-        raise UserError(f"token id {top} does not fit the {self.dtype.name} of {self.path}; "
-                        "this is a bug in prepare: report it")
-    self._f.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype.newbyteorder("<"))))
-    self.count += ids.size
-
-  def close(self) -> None:
-    self._f.flush()
-    os.fsync(self._f.fileno())
-    self._f.close()
-
-
-def _encode_chars(path: Path, n_train: int, codepoints: np.ndarray, writers: dict) -> None:
-  dtype = writers["train"].dtype
-  lut = np.zeros(max(int(codepoints[-1]) + 1, 256), dtype=dtype)  # code point -> id
-  lut[codepoints] = np.arange(len(codepoints), dtype=dtype)
-  # ASCII bytes to ids in one bytes.translate pass, when every id fits a byte.
-  table = lut[:256].astype(np.uint8).tobytes() if len(codepoints) <= 256 else None
-  for split, codes in _split_texts(path, n_train, codepoints=True):
-    if codes.dtype == np.uint8 and table is not None:
-      writers[split].write(np.frombuffer(codes.tobytes().translate(table), dtype=np.uint8))
-    else:
-      writers[split].write(lut[codes])
-
-
-def _encode_bpe(path: Path, n_train: int, tok: tokenizer_lib.BpeTokenizer,
-                writers: dict) -> None:
-  for split in SPLITS:
-    for pieces in _safe_pieces(_of_split(path, n_train, split)):
-      for ids in tok.encode_batch(pieces):
-        writers[split].write(ids)
-
-
-def _train_bpe(path: Path, n_train: int, vocab_size: int, name: str):
-  pieces = (p for batch in _safe_pieces(_of_split(path, n_train, "train")) for p in batch)
-  return tokenizer_lib.train_bpe(pieces, vocab_size, name)
-
-
-def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
-            train_fraction: float = 0.9, replace_existing: bool = False) -> dict:
-  """Tokenizes `source` into the folder `out` (see the module docstring); returns its meta.
-
-  `out` must not exist yet (or be empty). If another process completes the
-  same folder first (`replace_existing=False` and a complete `out` appears),
-  this one's copy is dropped and that folder is kept.
-  """
-  if kind not in tokenizer_lib.KINDS:
-    raise UserError(f"tokenizer {kind!r} is unknown; use one of "
-                    f"{', '.join(tokenizer_lib.KINDS)}")
-  if kind == "bpe" and vocab_size < tokenizer_lib.min_bpe_vocab():
-    raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE, which starts "
-                    "from the 256 bytes; set vocab_size (--vocab_size, "
-                    f"config.data.vocab_size) to {tokenizer_lib.min_bpe_vocab()} or more")
-  out = Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise UserError(f"{out} already exists and is not empty; remove it or pick another --out")
-  _check_source(source.path)
-  scan = _scan(source.path)
-  n_train = int(train_fraction * scan.chars)
-  if kind == "char":
-    tok = tokenizer_lib.CharTokenizer("".join(map(chr, scan.codepoints.tolist())))
-  else:
-    tok = _train_bpe(source.path, n_train, vocab_size, source.name)
-  dtype = dtype_for(tok.vocab_size)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  remove_stale_temps(out)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    writers = {s: _IdWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
-    try:
-      if kind == "char":
-        _encode_chars(source.path, n_train, scan.codepoints, writers)
-      else:
-        _encode_bpe(source.path, n_train, tok, writers)
-    finally:
-      for w in writers.values():
-        w.close()
-    chars = {"train": n_train, "val": scan.chars - n_train}
-    meta = {
-        "format": FORMAT,
-        "source": {"name": source.name, "path": str(source.path), "bytes": scan.bytes,
-                   "sha256": scan.sha256},
-        "tokenizer": {"kind": kind, "vocab_size": tok.vocab_size,
-                      "requested_vocab_size": vocab_size},
-        "dtype": dtype.name,
-        "train_fraction": train_fraction,
-        **{s: {"tokens": writers[s].count, "chars": chars[s]} for s in SPLITS},
-    }
-    (tmp / "tokenizer.json").write_text(json.dumps(tok.to_json(), ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _commit(tmp, out, replace_existing)
-  except OSError as e:
-    raise UserError(f"could not write the token folder {out}: {e.strerror or e}; free disk "
-                    "space or make the folder writable, then rerun") from None
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return meta
-
-
-STALE_AFTER_S = 3600  # a live prepare writes its temp folder far more often than this
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-  """Removes the temp folders of prepares of `out` that were killed (SIGKILL, power loss).
-
-  A temp folder is stale when the process named in it is gone from this host and
-  nothing in it changed for `STALE_AFTER_S` (so another host's live prepare, on a
-  shared disk, keeps its own). Returns the folders removed.
-  """
-  now, removed = time.time(), []
-  for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-    pid = tmp.name.rsplit("-", 1)[1]
-    if not pid.isdigit() or _pid_alive(int(pid)):
-      continue
-    try:
-      changed = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
-    except OSError:  # removed meanwhile
-      continue
-    if now - changed >= STALE_AFTER_S:
-      shutil.rmtree(tmp, ignore_errors=True)
-      removed.append(tmp)
-  return removed
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's live process
-    return True
-  return True
-
-
-def _commit(tmp: Path, out: Path, replace_existing: bool) -> None:
-  """Renames the finished folder into place; a complete one that raced us in stays."""
-  if out.is_dir() and not any(out.iterdir()):
-    out.rmdir()
-  try:
-    os.rename(tmp, out)
-  except OSError:
-    if replace_existing or not (out / "meta.json").is_file():
-      raise
 
 
 # -- Reading a folder ----------------------------------------------------------------------
@@ -380,7 +61,7 @@ def open_tokens(folder: str | Path) -> Tokens:
   if not folder.is_dir():
     raise UserError(f"token folder {folder} does not exist; check config.data.tokens, or "
                     f"write it with python launch/prepare.py --corpus=NAME --out={folder}")
-  missing = [f for f in FILES if not (folder / f).is_file()]
+  missing = [f for f in prepare.FILES if not (folder / f).is_file()]
   if missing:
     raise _bad(folder, f"has no {', '.join(missing)}")
   try:
@@ -388,13 +69,13 @@ def open_tokens(folder: str | Path) -> Tokens:
     tok = tokenizer_lib.from_json(json.loads((folder / "tokenizer.json").read_text(
         encoding="utf-8")))
     dtype = np.dtype(meta["dtype"])
-    counts = {s: int(meta[s]["tokens"]) for s in SPLITS}
-    [int(meta[s]["chars"]) for s in SPLITS]
+    counts = {s: int(meta[s]["tokens"]) for s in prepare.SPLITS}
+    [int(meta[s]["chars"]) for s in prepare.SPLITS]
   except (ValueError, KeyError, TypeError, UserError) as e:
     raise _bad(folder, f"has an unreadable meta.json or tokenizer.json ({type(e).__name__})"
                ) from None
-  if meta.get("format") != FORMAT:
-    raise _bad(folder, f"has format {meta.get('format')!r}, not {FORMAT}")
+  if meta.get("format") != prepare.FORMAT:
+    raise _bad(folder, f"has format {meta.get('format')!r}, not {prepare.FORMAT}")
   if dtype.name not in ("uint16", "uint32"):
     raise _bad(folder, f"has dtype {dtype.name}, neither uint16 nor uint32")
   if tok.vocab_size > np.iinfo(dtype).max + 1:
@@ -404,7 +85,7 @@ def open_tokens(folder: str | Path) -> Tokens:
     raise _bad(folder, f"has a tokenizer.json of {tok.vocab_size} tokens where meta.json "
                f"says {meta['tokenizer'].get('vocab_size')}")
   arrays = {}
-  for s in SPLITS:
+  for s in prepare.SPLITS:
     path = folder / f"{s}.bin"
     size, want = path.stat().st_size, counts[s] * dtype.itemsize
     if size != want:
@@ -456,15 +137,15 @@ def source_sha256(path: Path) -> str:
   return sha
 
 
-def config_source(config) -> tuple[Source, str]:
+def config_source(config) -> tuple[prepare.Source, str]:
   """The text of `config.data.path` or `.corpus`, and its sha256 (the registry's, if named)."""
   if config.data.path:
     path = Path(config.data.path)
-    _check_source(path)
-    return Source(path, str(path)), source_sha256(path)
+    prepare.check_source(path)
+    return prepare.Source(path, str(path)), source_sha256(path)
   name = config.data.corpus
   path = data.resolve_corpus(name)  # checked against the registry's sha256
-  return Source(path, name), data.corpus_sha256(name)
+  return prepare.Source(path, name), data.corpus_sha256(name)
 
 
 def for_config(config) -> tuple[Path, str]:
@@ -478,7 +159,7 @@ def for_config(config) -> tuple[Path, str]:
     if folder.is_dir():  # written by hand or by an older layout: not ours to trust
       raise _bad(folder, "is incomplete (no meta.json)")
     try:
-      prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
+      prepare.prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
     except UserError:
       if not (folder / "meta.json").is_file():  # else another process got there first
         raise
@@ -508,3 +189,33 @@ def adopt_folder_settings(tokens: Tokens, config, where: str) -> None:
                     f"config.data.{first} is {d[first]!r}; drop --config.data.{first}, or "
                     "prepare the folder with this config's settings")
   d.update(have)
+
+
+class Corpus(NamedTuple):
+  """A run's tokens: the tokenizer, both splits, and tokens per character of each."""
+  tokenizer: tokenizer_lib.CharTokenizer | tokenizer_lib.BpeTokenizer
+  name: str
+  train_ids: np.ndarray  # read-only memmaps of a token folder: uint16 or uint32 ids
+  val_ids: np.ndarray
+  # Tokens per character of the val (and train) text, for bits per character:
+  # 1.0 for characters; under 1 for BPE, whose losses are per token.
+  tokens_per_char: float = 1.0
+  train_tokens_per_char: float = 1.0
+
+
+def load_corpus(config) -> Corpus:
+  """Checks `config` against the data, then memory-maps its token folder.
+
+  The folder is `config.data.tokens`, or the corpus or path prepared once into
+  the cache (`for_config`). Every user mistake in the config or the data
+  fails here or in `loop.make_mesh`, in one line, before anything compiles.
+  """
+  config_lib.validate(config)
+  folder, name = for_config(config)
+  prepared = open_tokens(folder)
+  if config.data.tokens:
+    adopt_folder_settings(prepared, config, str(folder))
+  config_lib.validate_for_data(config, len(prepared.train), len(prepared.val))
+  return Corpus(prepared.tokenizer, name, prepared.train, prepared.val,
+                tokens_per_char=prepared.tokens_per_char("val"),
+                train_tokens_per_char=prepared.tokens_per_char("train"))

@@ -119,7 +119,8 @@ def _final_state(workdir: Path, steps: int, eval_interval: int):
   """(params and optimizer state leaves, eval records) of a finished workdir."""
   import jax
 
-  from minigpt_jax import checkpoint, train
+  from minigpt_jax import train
+  from minigpt_jax.support import checkpoint
 
   config = config_from_flags(FLAGS)
   config.train.update(steps=steps, eval_interval=eval_interval)

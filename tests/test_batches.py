@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax import batches, checkpoint, config as config_lib, data, loop, parallel, train
+from minigpt_jax import batches, config as config_lib, data, loop, parallel, tokens, train
+from minigpt_jax.support import checkpoint
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_one_process_holds_every_row():
 
 def _memmap_corpus(monkeypatch, tmp_path):
   """load_corpus's splits as uint16 memmaps of files in tmp_path (what token files give)."""
-  real = loop.load_corpus
+  real = tokens.load_corpus
 
   def load(config):
     corpus = real(config)
@@ -116,7 +117,7 @@ def _memmap_corpus(monkeypatch, tmp_path):
       splits[name] = np.memmap(tmp_path / f"{name}.bin", np.uint16, "r", shape=ids.shape)
     return corpus._replace(train_ids=splits["train"], val_ids=splits["val"])
 
-  monkeypatch.setattr(loop, "load_corpus", load)
+  monkeypatch.setattr(tokens, "load_corpus", load)
 
 
 def _records(workdir):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, needs_torch_ref
-from minigpt_jax import benchmark, hugepages
+from minigpt_jax.support import hugepages
+from minigpt_jax.tools import benchmark
 from minigpt_jax.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

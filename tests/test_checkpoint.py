@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import checkpoint, config as config_lib, sampling, train
+from minigpt_jax import config as config_lib, train
+from minigpt_jax.support import checkpoint, restore
 from minigpt_jax.errors import UserError
 
 VOCAB = {"chars": "\n abc"}
@@ -72,15 +73,15 @@ def test_a_save_cut_short_by_a_kill_is_ignored(tiny_config, tmp_path):
   assert _leaves_equal(state, checkpoint.restore_state(mngr, 2, _state(tiny_config)))
 
 
-def test_load_for_sampling_errors_name_the_fix(tiny_config, tmp_path):
+def test_restore_load_errors_name_the_fix(tiny_config, tmp_path):
   with pytest.raises(UserError, match="train first"):
-    sampling.load_for_sampling(tmp_path / "nothing")
+    restore.load(tmp_path / "nothing")
   mngr = checkpoint.manager(tmp_path)
   checkpoint.save(mngr, _state(tiny_config, 2), tiny_config.to_dict(), VOCAB, {"val_loss": None})
   with pytest.raises(UserError, match="available steps: 2"):
-    sampling.load_for_sampling(tmp_path, step=5)
+    restore.load(tmp_path, step=5)
   with pytest.raises(UserError, match="drop --best"):
-    sampling.load_for_sampling(tmp_path, best=True)
-  model_cfg, params, tokenizer, step = sampling.load_for_sampling(tmp_path)
+    restore.load(tmp_path, best=True)
+  model_cfg, params, tokenizer, step = restore.load(tmp_path)[1:]
   assert step == 2 and tokenizer.chars == VOCAB["chars"]
   assert model_cfg.n_embed == 32 and _leaves_equal(params, _state(tiny_config).params)

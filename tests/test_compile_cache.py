@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from minigpt_jax import compile_cache
+from minigpt_jax.support import compile_cache
 
 
 def test_the_folder_is_jax_s_variable_then_ours_then_the_user_cache():

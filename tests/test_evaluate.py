@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, tiny
-from minigpt_jax import data, evaluate, loop
+from minigpt_jax import data, loop
+from minigpt_jax.tools import evaluate
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

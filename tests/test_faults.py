@@ -23,9 +23,11 @@ import pytest
 import soak
 from conftest import config_from_flags, tiny
 from configs import frost_cpu
-from minigpt_jax import checkpoint, loop, sampling, train, workdir_lock
+from minigpt_jax import loop, train
+from minigpt_jax.support import checkpoint, guards, restore, workdir_lock
+from minigpt_jax.tools import finish
 from minigpt_jax.errors import UserError
-from minigpt_jax.metrics import MetricsWriter
+from minigpt_jax.support.metrics import MetricsWriter
 from minigpt_jax.model import ModelConfig, build_model, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ def test_divergence_stops_with_one_error_and_keeps_the_good_checkpoints(run):
   assert mngr.all_steps() == [20, 40]  # nothing saved past the divergence, nothing collected
   assert checkpoint.best_step(mngr) == 40
   mngr.close()
-  _, params, _, step = sampling.load_for_sampling(run, best=True)
+  _, params, _, step = restore.load(run, best=True)[1:]
   assert step == 40 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
   records = _records(run)
   assert max(r["step"] for r in records) == 40
@@ -198,20 +200,20 @@ def _damage(step_dir: Path, how: str) -> str:
 def test_sampling_falls_back_past_a_damaged_step_and_step_n_fails_clearly(run, how):
   needle = _damage(run / "checkpoints" / "40", how)
   warnings = []
-  _, params, _, step = sampling.load_for_sampling(run, warn=warnings.append)
+  _, params, _, step = restore.load(run, warn=warnings.append)[1:]
   assert step == 20 and len(warnings) == 1
   assert warnings[0].startswith("warning: checkpoint step 40 is damaged") and needle in warnings[0]
   assert "trying step 20" in warnings[0]
   with pytest.raises(UserError, match="step 40 is damaged") as e:
-    sampling.load_for_sampling(run, step=40)
+    restore.load(run, step=40)
   assert "--step (20)" in _one_line(e)
-  assert sampling.load_for_sampling(run, step=20)[3] == 20
+  assert restore.load(run, step=20).step == 20
 
 
 def test_best_falls_back_to_the_next_best(run):
   _damage(run / "checkpoints" / "40", "flipped")  # step 40 is the best
   warnings = []
-  assert sampling.load_for_sampling(run, best=True, warn=warnings.append)[3] == 20
+  assert restore.load(run, best=True, warn=warnings.append).step == 20
   assert len(warnings) == 1 and "step 40 is damaged" in warnings[0]
 
 
@@ -219,7 +221,7 @@ def test_no_step_restoring_is_one_error(run):
   for step in (20, 40):
     _damage(run / "checkpoints" / str(step), "truncated")
   with pytest.raises(UserError, match="restores \\(damaged steps: 40, 20\\)") as e:
-    sampling.load_for_sampling(run, warn=lambda line: None)
+    restore.load(run, warn=lambda line: None)
   _one_line(e)
   with pytest.raises(UserError, match="restores"):
     _train(_config(steps=60), run, lines=[])
@@ -256,12 +258,12 @@ def test_a_second_run_on_a_locked_workdir_changes_nothing(run):
     message = _one_line(e)
     assert f"is in use by another training run (pid {os.getpid()} on " in message
     assert _snapshot(run) == before
-    assert sampling.load_for_sampling(run)[3] == 40  # readers need no lock
+    assert restore.load(run).step == 40  # readers need no lock
 
 
 _HOLDER = """
 import sys, time
-from minigpt_jax.workdir_lock import WorkdirLock
+from minigpt_jax.support.workdir_lock import WorkdirLock
 WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(300)
@@ -336,7 +338,7 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_earlier_checkpoints(
   ckpts = workdir / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir()) == ["20", "40"]  # no temp folder left
   assert not list(ckpts.glob(f"*/.{checkpoint.DIGESTS}.tmp*"))
-  assert sampling.load_for_sampling(workdir, warn=pytest.fail)[3] == 40
+  assert restore.load(workdir, warn=pytest.fail).step == 40
   monkeypatch.undo()
   if small_disk is not None:
     filler.unlink()
@@ -375,7 +377,7 @@ def test_a_read_only_workdir_is_one_error(trained, run, small_disk, monkeypatch)
                                       "file system") as e:
     _train(_config(steps=60), workdir)
   _one_line(e)
-  assert sampling.load_for_sampling(workdir, warn=pytest.fail)[3] == 40  # still readable
+  assert restore.load(workdir, warn=pytest.fail).step == 40  # still readable
 
 
 def test_the_resume_rewrite_of_metrics_is_atomic(tmp_path, monkeypatch):
@@ -420,14 +422,14 @@ def test_an_interrupt_between_evaluations_saves_and_a_rerun_at_that_step_finishe
   config.train.steps = 30
   summary = _train(config, tmp_path)
   assert summary["val_loss"] is None and summary["best_step"] == 20
-  line = loop.done_line(summary, tmp_path)
+  line = finish.done_line(summary, tmp_path)
   assert line.startswith("done: step 30, train loss n/a, val loss n/a (best ")
 
 
 def test_the_first_signal_sets_the_flag_and_a_second_would_end_the_process():
   """A second Ctrl-C must not wait for a hung save: the first restores the default action."""
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  with loop._Interrupt() as interrupt:
+  with guards.Interrupt() as interrupt:
     assert not interrupt.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert interrupt.requested

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minigpt_jax import hugepages
+from minigpt_jax.support import hugepages
 
 
 def test_the_tunable_is_added_to_whatever_is_set():

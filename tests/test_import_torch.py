@@ -17,7 +17,9 @@ import pytest
 
 from conftest import assert_one_line_error
 from configs import bigram as bigram_config, frost_cpu
-from minigpt_jax import sampling, torch_import
+from minigpt_jax import sampling
+from minigpt_jax.support import restore
+from minigpt_jax.tools import torch_import
 from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
@@ -288,7 +290,7 @@ def test_imported_workdir_samples_torchs_greedy_text(kind, vocab_flag, tmp_path)
   _cli("import_torch.py", f"--state_dict={pt}", source, f"--config={config}", *sizes,
        f"--workdir={workdir}")
   assert json.loads((workdir / "vocab.json").read_text()) == TOKENIZER.to_json()
-  cfg, params, _, step = sampling.load_for_sampling(workdir)
+  cfg, params, _, step = restore.load(workdir)[1:]
   assert step == 0 and _logits_diff(kind, forward, params, cfg) < 1e-4
   num_tokens = cfg.block_size - len(PROMPT)  # never past the window: no crop policy differs
   result = _cli("sample.py", f"--workdir={workdir}", f"--prompt={PROMPT}",
@@ -410,7 +412,7 @@ def test_nanogpt_ckpt_cli_imports_a_workdir_that_samples_torchs_text(tmp_path):
                 "--config=configs/frost_cpu.py", f"--workdir={workdir}")
   assert "n_layer=2, n_heads=2, n_embed=32, block_size=16, bias=False" in result.stderr
   assert "nanogpt layout" in result.stderr
-  cfg, params, tokenizer, step = sampling.load_for_sampling(workdir)
+  cfg, params, tokenizer, step = restore.load(workdir)[1:]
   assert step == 0 and tokenizer.chars == TOKENIZER.chars
   assert (cfg.activation, cfg.bias, cfg.tie_embeddings, cfg.block_size) == ("gelu", False,
                                                                              True, T)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
-from minigpt_jax import checkpoint, sampling
+from minigpt_jax.support import checkpoint, restore
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.model.block_size=16", "--config.model.n_embed=32", "--config.model.n_heads=2",
@@ -43,7 +43,7 @@ def _evals(workdir):
 
 
 def _params(workdir, step):
-  return sampling.load_for_sampling(workdir, step=step)[1]
+  return restore.load(workdir, step=step).params
 
 
 def _assert_same_params(a, b):

@@ -8,7 +8,7 @@ import pytest
 
 from tensorboardX.proto import event_pb2
 
-from minigpt_jax.metrics import EVENTS_GLOB, MetricsWriter
+from minigpt_jax.support.metrics import EVENTS_GLOB, MetricsWriter
 
 
 def _records(workdir):
@@ -161,13 +161,14 @@ def test_a_run_logs_its_config_scalars_and_sample_to_wandb_offline_and_tensorboa
     tiny_config, tmp_path, monkeypatch):
   pytest.importorskip("wandb")
   from minigpt_jax import loop
+  from minigpt_jax.tools import finish
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.delenv("WANDB_DIR", raising=False)
   tiny_config.metrics.wandb_project = "minigpt-test"
   tiny_config.train.steps = 20
   lines = []
   loop.train_and_evaluate(tiny_config, tmp_path, log=lines.append, show_progress=False,
-                          on_end=lambda end: loop.plot_and_sample(end, 20))
+                          on_end=lambda end: finish.plot_and_sample(end, 20))
   assert any(line.startswith("logging to W&B project minigpt-test") for line in lines)
   for _ in range(120):  # W&B's service may still be writing the file after finish() returns
     records = list(_wandb_records(tmp_path))

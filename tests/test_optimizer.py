@@ -12,7 +12,9 @@ import optax
 import pytest
 
 from conftest import frost_ids_and_vocab, tiny
-from minigpt_jax import checkpoint, config as config_lib, loop, optimizer, train
+from minigpt_jax import config as config_lib, loop, optimizer, train
+from minigpt_jax.support import checkpoint
+from minigpt_jax.tools import finish
 from minigpt_jax.errors import UserError
 
 
@@ -185,7 +187,7 @@ def test_early_stopping_stops_saving_when_val_stalls_and_bpc_is_reported(tmp_pat
   evals = _records(tmp_path / "run", "eval")
   assert all(r["train_bpc"] == pytest.approx(r["train_loss"] / math.log(2), abs=1e-4)
              for r in evals)
-  assert loop.done_line(summary, tmp_path).startswith("done (stopped early): step 20")
+  assert finish.done_line(summary, tmp_path).startswith("done (stopped early): step 20")
   again = loop.train_and_evaluate(config, tmp_path / "run", log=lines.append,
                                   show_progress=False)
   assert again["step"] == 20 and again["early_stopped"]

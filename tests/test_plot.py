@@ -10,7 +10,7 @@ import pytest
 from matplotlib.image import imread
 
 from conftest import assert_one_line_error
-from minigpt_jax import plotting
+from minigpt_jax.tools import plotting
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

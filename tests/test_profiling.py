@@ -6,7 +6,8 @@ import json
 import jax
 import numpy as np
 
-from minigpt_jax import checkpoint, loop, train
+from minigpt_jax import loop, train
+from minigpt_jax.support import checkpoint
 
 
 def _records(workdir):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error
-from minigpt_jax import checkpoint, sampling, train
+from minigpt_jax import sampling, train
+from minigpt_jax.support import checkpoint
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
 

@@ -11,7 +11,8 @@ import ml_collections
 import pytest
 
 from conftest import assert_one_line_error
-from minigpt_jax import config as config_lib, sweep
+from minigpt_jax import config as config_lib
+from minigpt_jax.tools import sweep
 from minigpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for minigpt_jax.tokens and minigpt_jax.tokenizer: token folders, BPE, the cache, bpc."""
+"""Tests for minigpt_jax.tokens, .prepare and .tokenizer: token folders, BPE, the cache, bpc."""
 
 import json
 import math
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_one_line_error
-from minigpt_jax import config as config_lib, data, evaluate, loop, sampling, tokenizer, tokens
+from minigpt_jax import config as config_lib, data, loop, sampling, tokenizer, tokens
+from minigpt_jax.support import restore
+from minigpt_jax.tools import evaluate
+from minigpt_jax import prepare as prepare_lib
 from minigpt_jax.errors import UserError
 
 
@@ -22,14 +25,14 @@ def _frost():
 def _source(tmp_path, text: str, name="t.txt"):
   path = tmp_path / name
   path.write_bytes(text.encode("utf-8"))
-  return tokens.Source(path, name)
+  return prepare_lib.Source(path, name)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
   """Chunks of 1001 bytes and BPE pieces of 300 characters: every boundary gets crossed."""
-  monkeypatch.setattr(tokens, "CHUNK_BYTES", 1001)
-  monkeypatch.setattr(tokens, "_BPE_PIECE_CHARS", 300)
+  monkeypatch.setattr(prepare_lib, "CHUNK_BYTES", 1001)
+  monkeypatch.setattr(prepare_lib, "_BPE_PIECE_CHARS", 300)
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_char_folder_holds_todays_ids_and_vocabulary(tmp_path, small_chunks):
   """Streamed, vectorized and split on the text: exactly the ids of encoding it whole."""
-  meta = tokens.prepare(tokens.Source(_frost(), "frost"), tmp_path / "char")
+  meta = prepare_lib.prepare(prepare_lib.Source(_frost(), "frost"), tmp_path / "char")
   text = data.read_text(_frost())
   old = data.CharTokenizer.from_text(text)
   train_N, val_N = data.split(old.encode(text))
@@ -68,8 +71,8 @@ def test_chunks_carry_utf8_characters_and_newlines_across_their_ends(tmp_path, m
   """A character or a \\r\\n cut by a chunk's end reads as Path.read_text reads it."""
   source = _source(tmp_path, text)
   for size in sizes:
-    monkeypatch.setattr(tokens, "CHUNK_BYTES", size)
-    tokens.prepare(source, tmp_path / f"c{size}")
+    monkeypatch.setattr(prepare_lib, "CHUNK_BYTES", size)
+    prepare_lib.prepare(source, tmp_path / f"c{size}")
     whole = data.read_text(source.path)  # universal newlines
     old = data.CharTokenizer.from_text(whole)
     prepared = tokens.open_tokens(tmp_path / f"c{size}")
@@ -85,11 +88,11 @@ def test_bpe_folder_encodes_each_split_whole_and_training_is_deterministic(tmp_p
                                                                           monkeypatch):
   text = data.read_text(_frost())[:20000] + "\n\n  ü😀 naïve\n\nxx\n" * 20
   source = _source(tmp_path, text)
-  tokens.prepare(source, tmp_path / "a", "bpe", 300)
-  monkeypatch.setattr(tokens, "CHUNK_BYTES", 1001)
-  monkeypatch.setattr(tokens, "_BPE_PIECE_CHARS", 300)
-  meta = tokens.prepare(source, tmp_path / "b", "bpe", 300)
-  for name in tokens.FILES:  # another chunking, another training: the same bytes
+  prepare_lib.prepare(source, tmp_path / "a", "bpe", 300)
+  monkeypatch.setattr(prepare_lib, "CHUNK_BYTES", 1001)
+  monkeypatch.setattr(prepare_lib, "_BPE_PIECE_CHARS", 300)
+  meta = prepare_lib.prepare(source, tmp_path / "b", "bpe", 300)
+  for name in prepare_lib.FILES:  # another chunking, another training: the same bytes
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
   prepared = tokens.open_tokens(tmp_path / "b")
   tok, n = prepared.tokenizer, int(0.9 * len(text))
@@ -106,7 +109,7 @@ def test_bpe_folder_encodes_each_split_whole_and_training_is_deterministic(tmp_p
 def test_a_bpe_vocab_size_the_text_cannot_have_is_one_error(tmp_path, size, words):
   source = _source(tmp_path, "the cat sat on the mat\n" * 50)
   with pytest.raises(UserError) as e:
-    tokens.prepare(source, tmp_path / "out", "bpe", size)
+    prepare_lib.prepare(source, tmp_path / "out", "bpe", size)
   for word in words:
     assert word in str(e.value)
   assert not (tmp_path / "out").exists()
@@ -124,12 +127,12 @@ def test_stream_decode_holds_a_character_cut_between_pieces():
 
 
 def _old_load_corpus(config):
-  """loop.load_corpus as it was before token folders: the text, encoded whole in Python."""
+  """tokens.load_corpus as it was before token folders: the text, encoded whole in Python."""
   config_lib.validate(config)
   text, name = data.load_text(config)
   tok = data.CharTokenizer.from_text(text)
   train_N, val_N = data.split(tok.encode(text), config.data.train_fraction)
-  return loop.Corpus(tok, name, train_N, val_N)
+  return tokens.Corpus(tok, name, train_N, val_N)
 
 
 def _evals(workdir):
@@ -141,17 +144,17 @@ def test_a_char_run_gives_todays_losses_through_token_files(tiny_config, tmp_pat
                                                             monkeypatch):
   tiny_config.train.update(steps=20, eval_interval=10)
   new = loop.train_and_evaluate(tiny_config, tmp_path / "new", show_progress=False)
-  corpus = loop.load_corpus(tiny_config)
+  corpus = tokens.load_corpus(tiny_config)
   assert isinstance(corpus.train_ids, np.memmap) and corpus.train_ids.dtype == np.uint16
-  monkeypatch.setattr(loop, "load_corpus", _old_load_corpus)
+  monkeypatch.setattr(tokens, "load_corpus", _old_load_corpus)
   old = loop.train_and_evaluate(tiny_config, tmp_path / "old", show_progress=False)
   assert _evals(tmp_path / "new") == _evals(tmp_path / "old")
   assert new["val_bpc"] == old["val_bpc"] and len(list(cache.iterdir())) == 1
 
 
 def test_the_cache_is_keyed_by_source_and_settings_and_reused(tiny_config, cache, monkeypatch):
-  calls, prepare = [], tokens.prepare
-  monkeypatch.setattr(tokens, "prepare", lambda *a, **k: calls.append(a) or prepare(*a, **k))
+  calls, prepare = [], prepare_lib.prepare
+  monkeypatch.setattr(prepare_lib, "prepare", lambda *a, **k: calls.append(a) or prepare(*a, **k))
   first, _ = tokens.for_config(tiny_config)
   assert first.parent == cache and data.corpus_sha256("frost")[:20] in first.name
   assert tokens.for_config(tiny_config)[0] == first and len(calls) == 1
@@ -178,10 +181,10 @@ def test_a_path_texts_sha256_is_read_once_per_version_of_the_file(tmp_path, cach
 
 
 def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_path):
-  tokens.prepare(tokens.Source(_frost(), "frost"), tmp_path / "bpe", "bpe", 300)
+  prepare_lib.prepare(prepare_lib.Source(_frost(), "frost"), tmp_path / "bpe", "bpe", 300)
   tiny_config.data.tokens = str(tmp_path / "bpe")  # the folder names its tokenizer
   tiny_config.train.update(steps=10, eval_interval=10, sample_tokens=0)
-  corpus = loop.load_corpus(tiny_config)
+  corpus = tokens.load_corpus(tiny_config)
   assert (tiny_config.data.tokenizer, tiny_config.data.vocab_size) == ("bpe", 300)
   meta = json.loads((tmp_path / "bpe" / "meta.json").read_text())
   assert corpus.tokenizer.vocab_size == 300
@@ -200,7 +203,7 @@ def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_p
   assert {k: result[k] for k in ("train_bpc", "val_bpc")} == {
       k: record[k] for k in ("train_bpc", "val_bpc")}
   # The checkpoint carries the tokenizer: sampling decodes with it, any prompt encodes.
-  model_cfg, params, tok, _ = sampling.load_for_sampling(tmp_path / "run")
+  model_cfg, params, tok, _ = restore.load(tmp_path / "run")[1:]
   assert tok == corpus.tokenizer and model_cfg.vocab_size == 300
   ids, prompt = sampling.encode_prompt(tok, "☃ unseen")
   assert tok.decode(np.asarray(ids[0])) == prompt
@@ -215,7 +218,7 @@ def test_bpe_training_counts_bits_per_character_of_each_split(tiny_config, tmp_p
 
 @pytest.fixture
 def folder(tmp_path):
-  tokens.prepare(_source(tmp_path, "abcd efg\n" * 100), tmp_path / "tok")
+  prepare_lib.prepare(_source(tmp_path, "abcd efg\n" * 100), tmp_path / "tok")
   return tmp_path / "tok"
 
 
@@ -243,11 +246,11 @@ def test_a_uint16_overflow_is_one_error_and_the_writer_refuses_one(folder, tmp_p
   (folder / "meta.json").write_text(json.dumps(meta))
   with pytest.raises(UserError, match="as uint16.*overflow"):
     tokens.open_tokens(folder)
-  writer = tokens._IdWriter(tmp_path / "x.bin", np.dtype(np.uint16))
+  writer = prepare_lib._IdWriter(tmp_path / "x.bin", np.dtype(np.uint16))
   with pytest.raises(UserError, match="token id 65536 does not fit the uint16"):
     writer.write(np.array([1, 65536], np.uint32))
   writer.close()
-  assert tokens.dtype_for(65536) == np.uint16 and tokens.dtype_for(65537) == np.uint32
+  assert prepare_lib.dtype_for(65536) == np.uint16 and prepare_lib.dtype_for(65537) == np.uint32
 
 
 def test_a_prepare_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
@@ -255,9 +258,9 @@ def test_a_prepare_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
 
   def killed(*args):
     raise KeyboardInterrupt
-  monkeypatch.setattr(tokens, "_encode_chars", killed)
+  monkeypatch.setattr(prepare_lib, "_encode_chars", killed)
   with pytest.raises(KeyboardInterrupt):
-    tokens.prepare(source, tmp_path / "out")
+    prepare_lib.prepare(source, tmp_path / "out")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
 
 
@@ -270,17 +273,17 @@ def test_the_next_prepare_removes_what_a_killed_one_left(tmp_path):
   for folder in (killed, live):
     folder.mkdir()
     (folder / "train.bin").write_bytes(b"\0" * 8)
-    old = os.stat(folder).st_mtime - 2 * tokens.STALE_AFTER_S
+    old = os.stat(folder).st_mtime - 2 * prepare_lib.STALE_AFTER_S
     for path in (folder / "train.bin", folder):
       os.utime(path, (old, old))
   unnamed.mkdir()
-  tokens.prepare(source, out)
+  prepare_lib.prepare(source, out)
   assert not killed.exists()  # its process is gone and it is old
   assert live.exists() and unnamed.exists()  # a live process's, and one not named by a pid
   assert (out / "meta.json").is_file()
   # Gone from this host but written to a moment ago (another host's, on a shared disk): kept.
   killed.mkdir()
-  assert tokens.remove_stale_temps(out) == []
+  assert prepare_lib.remove_stale_temps(out) == []
 
 
 def test_a_token_folder_must_match_the_config(tiny_config, folder):
@@ -288,10 +291,10 @@ def test_a_token_folder_must_match_the_config(tiny_config, folder):
   tiny_config.data.update(tokenizer="bpe", vocab_size=300)
   with pytest.raises(UserError, match="has tokenizer='char' but config.data.tokenizer is "
                      "'bpe'; drop --config.data.tokenizer"):
-    loop.load_corpus(tiny_config)
+    tokens.load_corpus(tiny_config)
   with pytest.raises(UserError, match="does not exist"):
     tiny_config.data.update(tokens=str(folder / "nope"), tokenizer="char", vocab_size=0)
-    loop.load_corpus(tiny_config)
+    tokens.load_corpus(tiny_config)
 
 
 @pytest.mark.parametrize("fields,words", [

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import frost_ids_and_vocab
-from minigpt_jax import checkpoint, loop, sampling, train
+from minigpt_jax import loop, train
+from minigpt_jax.support import checkpoint, guards, restore
 
 
 def _leaves_equal(a, b) -> bool:
@@ -39,7 +40,7 @@ def test_bfloat16_compute_learns_and_keeps_float32_params(tiny_config, tmp_path)
   tiny_config.train.update(steps=300, eval_interval=150, eval_iters=20)
   summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   assert summary["val_loss"] < _evals(tmp_path)[0]["val_loss"] - 1.2, summary
-  model_cfg, params, _, step = sampling.load_for_sampling(tmp_path)
+  model_cfg, params, _, step = restore.load(tmp_path)[1:]
   assert step == 300 and model_cfg.dtype == "bfloat16"
   assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(params))
   state = train.create_train_state(tiny_config, summary["vocab_size"])
@@ -175,7 +176,7 @@ def test_no_recompiles_across_steps_evaluations_and_a_resume(tiny_config, tmp_pa
 def test_steps_per_second_count_neither_compilation_nor_any_pause():
   """The step-0 evaluation (and its compile) comes before the clock starts: not subtracted."""
   now = [0.0]
-  clock = loop.Stopwatch(clock=lambda: now[0])
+  clock = guards.Stopwatch(clock=lambda: now[0])
   with clock.paused(None):
     now[0] += 5.0  # the step-0 evaluation
   now[0] += 2.0  # the first call compiles and runs 10 steps

@@ -13,7 +13,7 @@ subprocess on the same corpus, so `compare` can put the two side by side.
 
 Owns: timing of training and decoding, FLOP counts, the machine's description,
 the torch_ref comparison.
-May import: train, sampling, model, parallel, cpu_tricks, data, hugepages.
+May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, support.hugepages.
 """
 
 import importlib.metadata
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data, hugepages, loop, parallel, sampling, train
+from minigpt_jax import cpu_tricks, data, loop, parallel, sampling, tokens, train
+from minigpt_jax.support import hugepages
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -117,7 +118,7 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
   `state` (for sampling) and the vocabulary size.
   """
   mesh = loop.make_mesh(config)
-  corpus = loop.load_corpus(config)
+  corpus = tokens.load_corpus(config)
   state = train.create_train_state(config, corpus.tokenizer.vocab_size, mesh)
   train_N = parallel.put_replicated(corpus.train_ids, mesh)
   B, T, K = config.train.batch_size, config.model.block_size, config.train.steps_per_dispatch

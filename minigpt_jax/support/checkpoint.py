@@ -15,7 +15,7 @@ commit and the digest write) is complete as far as orbax knows, and restores
 unverified.
 
 Owns: checkpoint I/O only (the fit of a checkpoint to a config is
-`config.check_fits`; building a model to sample is `sampling.load_for_sampling`).
+`config.check_fits`; reading a checkpoint back is `support.restore`).
 May import: orbax, JAX, parallel, files, errors.
 """
 
@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 
 from minigpt_jax import parallel
 from minigpt_jax.errors import UserError
-from minigpt_jax.files import finite_or_none
+from minigpt_jax.support.files import finite_or_none
 
 
 DIGESTS = "digests.json"

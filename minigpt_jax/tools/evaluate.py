@@ -1,11 +1,11 @@
 """Eval-only: the loss and bits per character of a checkpoint, without training.
 
 `evaluate(workdir, step=, best=, eval_iters=, path=)` restores a checkpoint's
-config, vocabulary and params (`sampling.load_params`: no optimizer state,
+config, vocabulary and params (`support.restore.load`: no optimizer state,
 the same --step / --best choice and damaged-step fallback as sampling), then
 runs `train.estimate_loss`:
 
-- on the run's own corpus (`loop.load_corpus` of the saved config), its
+- on the run's own corpus (`tokens.load_corpus` of the saved config), its
   train and val splits, with the batches training's evaluation at that step
   drew (they come from the seed and the step): with the run's `eval_iters`
   the numbers are those of the run's eval record at that step;
@@ -17,7 +17,7 @@ Bits per character use tokens per character: each split's, or that text's
 tokenizers. The result is a flat dict whose loss fields are named as in
 `metrics.jsonl`'s eval records (`train_loss`, `val_bpc`, ...).
 
-Owns: evaluation of a saved checkpoint. May import: loop, sampling, train,
+Owns: evaluation of a saved checkpoint. May import: tokens, train, support.restore,
 config, data, metrics, errors.
 """
 
@@ -27,16 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax import config as config_lib, data, loop, sampling
+from minigpt_jax import config as config_lib, data, tokens
+from minigpt_jax.support import restore
 from minigpt_jax.errors import UserError
-from minigpt_jax.metrics import bits_per_char
+from minigpt_jax.support.metrics import bits_per_char
 from minigpt_jax.train import TrainState, jit_estimate_loss
 
 
-def _splits(loaded: sampling.Loaded, config, path) -> tuple[dict, dict, str]:
+def _splits(loaded: restore.Loaded, config, path) -> tuple[dict, dict, str]:
   """({split: ids}, {split: tokens per character}, the text's name) to evaluate on."""
   if path is None:
-    corpus = loop.load_corpus(config)
+    corpus = tokens.load_corpus(config)
     if corpus.tokenizer != loaded.tokenizer:
       raise UserError(f"corpus {corpus.name} no longer has the vocabulary the checkpoint "
                       "was trained with; restore the corpus, or pass --path=FILE")
@@ -62,7 +63,7 @@ def evaluate(workdir: str | Path, step: int | None = None, best: bool = False,
     raise UserError("--step and --best pick different checkpoints; pass only one")
   if eval_iters is not None and eval_iters <= 0:
     raise UserError(f"--eval_iters is {eval_iters}; use a positive number of batches")
-  loaded = sampling.load_params(workdir, step, best, warn)
+  loaded = restore.load(workdir, step, best, warn)
   config = config_lib.get_config()  # a field newer than the checkpoint keeps its default
   config.update(loaded.config)
   if "metrics" in config:

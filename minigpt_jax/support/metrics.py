@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.files import finite_or_none, write_error, write_text
+from minigpt_jax.support.files import finite_or_none, write_error, write_text
 
 EVENTS_GLOB = "events.out.tfevents.*"
 _writers_made = itertools.count()  # orders the events files of one process and second

@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import ml_collections
 
-from minigpt_jax import config as config_lib, files, loop, plotting
+from minigpt_jax import config as config_lib, loop
+from minigpt_jax.support import files
+from minigpt_jax.tools import finish, plotting
 from minigpt_jax.errors import UserError
 
 SWEEP_FILE = "sweep.json"
@@ -314,12 +316,12 @@ def _train_each(runs: list[Run], workdir: Path, log) -> list[Run]:
     try:
       summary = loop.train_and_evaluate(  # each run's loss.png; its sample to TensorBoard only
           run.config, where,
-          on_end=lambda end, n=run.config.train.sample_tokens: loop.plot_and_sample(end, n))
+          on_end=lambda end, n=run.config.train.sample_tokens: finish.plot_and_sample(end, n))
     except UserError as e:  # e.g. a learning rate that diverges: the other runs go on
       log(f"run {run.index}/{len(runs)} failed: error: {' '.join(str(e).split())}")
       failed.append(run)
       continue
-    log(loop.done_line(summary, where))
+    log(finish.done_line(summary, where))
   return failed
 
 

@@ -2,7 +2,7 @@
 
 A launcher's start-up is mostly XLA compiling the same few programs (the
 train step, the KV decoder) that the last run compiled; with the cache on,
-a second run loads them from disk instead (README "Compile cache": figures).
+a second run loads them from disk instead (figures: docs/speed.md, "Compile cache").
 
 Where: `$MINIGPT_CACHE_DIR`, else `$XDG_CACHE_HOME/minigpt_jax/xla` (by
 default `~/.cache/minigpt_jax/xla`); JAX's own `JAX_COMPILATION_CACHE_DIR`

@@ -4,14 +4,14 @@ XLA:CPU allocates a compiled call's buffers on every call, and glibc's
 malloc returns large blocks to the kernel when they are freed, so each call
 faults its memory in again, 4 KiB at a time. With glibc's
 `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages
-(2 MiB) instead, and training on CPU is faster (README "Speed"). glibc reads
+(2 MiB) instead, and training on CPU is faster (docs/speed.md). glibc reads
 tunables only when a process starts, hence the restart. It does not change
 any result: only where memory comes from.
 
 No JAX import here: the launchers call this before importing anything heavy.
 
-Owns: the launchers' restart with glibc's huge-page tunable. Figures: README
-"Speed". May import: the standard library only.
+Owns: the launchers' restart with glibc's huge-page tunable. Figures:
+docs/speed.md. May import: the standard library only.
 """
 
 import os

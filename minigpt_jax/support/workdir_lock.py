@@ -4,9 +4,12 @@ The kernel drops the lock when its process ends, however it ends (kill -9
 included), so no stale lock is ever left behind. The file itself stays, and
 holds the PID and host of the last holder, which names it in the error a
 second run gets. Readers (sample.py, plot.py, evaluation) never take it.
-Only the process that writes metrics (process 0) holds it; README
-"What survives what" says what a filesystem shared by several hosts does.
-Standard library only: no JAX, so it is cheap to import and test.
+Only the process that writes metrics (process 0) holds it; docs/reliability.md
+says what a filesystem shared by several hosts does.
+Standard library only, but `lock_run` (a run's lock, agreed by every
+process): no JAX at import, so it is cheap to import and test.
+Owns: `WorkdirLock`, `lock_run`. May import: errors, support.files (and
+parallel, inside `lock_run`).
 """
 
 import errno
@@ -16,7 +19,7 @@ import socket
 from pathlib import Path
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.files import write_error
+from minigpt_jax.support.files import write_error
 
 LOCK_NAME = "train.lock"
 
@@ -63,3 +66,25 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def lock_run(workdir: Path, is_main: bool, log) -> WorkdirLock:
+  """Process 0 locks the workdir; every process stops if it cannot.
+
+  The one function here that needs JAX (to agree across processes), so it
+  imports `parallel` itself and the lock stays cheap to import.
+  """
+  from minigpt_jax import parallel
+  lock = WorkdirLock(workdir)
+  error = None
+  if is_main:
+    try:
+      lock.acquire()
+    except UserError as e:
+      error = e
+    if lock.unsupported is not None:
+      log(f"warning: {lock.path} cannot be locked on this filesystem "
+          f"({lock.unsupported.strerror}); make sure no other run trains in {workdir}")
+  if parallel.any_process(error is not None):
+    raise error or UserError(f"process 0 could not lock {workdir}; see its error line")
+  return lock

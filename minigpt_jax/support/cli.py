@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import flags
 
-from minigpt_jax import compile_cache
+from minigpt_jax.support import compile_cache
 from minigpt_jax.errors import UserError
 
 USER_ERROR_STATUS = 2

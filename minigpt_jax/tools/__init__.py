@@ -1,0 +1,2 @@
+"""Tools beside training: sweeps, benchmarks, evaluation, PyTorch import, plots.
+See docs/layout.md."""
