@@ -5,13 +5,19 @@
 --config=FILE finds the run `python launch/train.py --config=FILE` made, in
 runs/<FILE's stem>; --workdir=FOLDER names any run folder (and wins over --config).
 
-Evaluates on the run's own corpus (its train and val splits, with the batches
-the run's evaluation drew at that step, so with the run's eval_iters the
-numbers equal that step's eval record), or with --path=FILE on any text the
-checkpoint's vocabulary covers. One JSON object goes to stdout for scripts
-(`train_loss`, `val_loss`, `train_bpc`, `val_bpc`, or `text_loss` and
-`text_bpc` with --path; `step`, `eval_iters`, ...); a line for people goes
-to stderr.
+Evaluates on the run's own corpus, in the run's eval mode, so the numbers
+equal that step's eval record: "full" scores every val token once, "sampled"
+draws the batches the run's evaluation drew at that step. --path=FILE scores
+every token of any text the checkpoint's vocabulary covers, streamed in
+chunks, in windows moving by --stride tokens (default: block_size; a smaller
+stride gives each token more context).
+
+  python launch/evaluate.py --config=configs/frost_best.py --path=../shared/corpora/frost.txt --stride=64
+
+One JSON object goes to stdout for scripts (`train_loss`, `val_loss`,
+`train_bpc`, `val_bpc`, or `text_loss` and `text_bpc` with --path; `step`,
+`eval_mode`, `eval_stride` and the tokens scored, or `eval_iters`, ...); a
+line for people goes to stderr.
 """
 
 import json
@@ -35,14 +41,17 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
 _EVAL_ITERS = flags.DEFINE_integer("eval_iters", None,
                                    "Batches per split (default: the run's eval_iters).")
-_PATH = flags.DEFINE_string("path", None, "Evaluate on this UTF-8 text file instead of the "
-                            "run's corpus (one split, `text`).")
+_PATH = flags.DEFINE_string("path", None, "Score every token of this UTF-8 text file instead "
+                            "of the run's corpus (one split, `text`), streamed.")
+_STRIDE = flags.DEFINE_integer("stride", None, "Tokens between windows of a full evaluation, "
+                               "1 to block_size (default: block_size, or the run's eval_stride).")
 
 
 def main():
   workdir = cli.run_folder(_WORKDIR.value)
   result = evaluate.evaluate(workdir, step=_STEP.value, best=_BEST.value,
-                             eval_iters=_EVAL_ITERS.value, path=_PATH.value)
+                             eval_iters=_EVAL_ITERS.value, path=_PATH.value,
+                             stride=_STRIDE.value)
   print(evaluate.summary_line(result), file=sys.stderr)
   print(json.dumps(result))
 

@@ -56,7 +56,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.early_stop_evals = 0
   config.train.eval_interval = 500  # steps between loss estimates/checkpoints
   config.train.eval_at_start = True  # also estimate the losses of the untrained model
-  config.train.eval_iters = 200  # batches averaged per split per estimate
+  # "sampled": the lecture's estimate, eval_iters random batches per split.
+  # "full": every val token scored once (evaluation.py), exact and the same on
+  # any device count; train is scored on fixed, evenly spaced windows.
+  config.train.eval_mode = "sampled"
+  config.train.eval_iters = 200  # sampled: batches averaged per split per estimate
+  # full: tokens between val windows (1..block_size); None: block_size. Smaller
+  # strides give each scored token more context.
+  config.train.eval_stride = ml_collections.config_dict.placeholder(int)
+  # full: train windows scored, evenly spaced; None: as many as val has.
+  config.train.eval_train_windows = ml_collections.config_dict.placeholder(int)
   config.train.log_every = 50  # steps between progress-bar loss updates
   config.train.sample_tokens = 500  # sample printed at the end (0: none)
   # Optimizer steps per compiled call (a lax.scan); same results, less dispatch
@@ -77,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.metrics = ml_collections.ConfigDict()
   config.metrics.wandb_project = ""  # a Weights & Biases project (pip install wandb); "": off
   return config
+
+
+EVAL_MODES = ("sampled", "full")
 
 
 def _require(ok: bool, field: str, problem: str, fix: str) -> None:
@@ -110,6 +122,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        ("checkpoint.keep", config.checkpoint.keep)):
     _require(isinstance(value, int) and value > 0, field,
              f"is {value!r}", "set it to a positive integer")
+  _require(t.eval_mode in EVAL_MODES, "train.eval_mode", f"is {t.eval_mode!r}",
+           f"use one of {', '.join(EVAL_MODES)}")
+  stride = t.eval_stride
+  _require(stride is None or (isinstance(stride, int) and 1 <= stride <= m.block_size),
+           "train.eval_stride", f"is {stride!r}",
+           f"use a stride from 1 to config.model.block_size ({m.block_size}), or leave it "
+           "unset for block_size")
+  windows = t.eval_train_windows
+  _require(windows is None or (isinstance(windows, int) and windows > 0),
+           "train.eval_train_windows", f"is {windows!r}",
+           "use a positive count, or leave it unset for as many as val has")
   for field, value in (("train.eval_at_start", t.eval_at_start),
                        ("data.on_device", config.data.on_device)):
     _require(isinstance(value, bool), field, f"is {value!r}", "use True or False")

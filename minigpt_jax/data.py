@@ -7,7 +7,8 @@ seen. `draw_windows` draws them on device from a corpus every device holds;
 numpy arrays or memmaps of any size (see `batches.py`).
 
 Owns: the corpus registry and downloads, `split`, `draw_windows` (and the
-lecture's `get_batch`), `window_starts`,
+lecture's `get_batch`), `window_starts`, the windows of an exact evaluation
+(`sliding_windows`, `spaced_windows`),
 `gather_windows` (`CharTokenizer` moved to tokenizer.py and is re-exported here).
 May import: JAX, numpy, tokenizer, errors.
 """
@@ -168,6 +169,37 @@ def get_batch(key: jax.Array, data_N: jax.Array, batch_size: int,
   """The lecture's get_batch: `draw_windows` as inputs x_BT and targets y_BT shifted by one."""
   windows_BT1 = draw_windows(key, data_N, batch_size, block_size)
   return windows_BT1[:, :-1], windows_BT1[:, 1:]
+
+
+def sliding_windows(num_tokens: int, block_size: int, stride: int):
+  """Windows that score every next-token target of `num_tokens` ids exactly once.
+
+  Returns (starts [W] int64, first [W] int32): window w holds ids
+  starts[w] .. starts[w] + block_size and scores its positions from first[w]
+  on. Starts move by `stride`, and a last window ends at the last id. The
+  first window scores all its positions; each later one only the targets no
+  earlier window scored, so with a stride under block_size every scored
+  target sees at least block_size - stride tokens of context. The counts add
+  up to num_tokens - 1, each target once.
+  """
+  last = num_tokens - 1 - block_size  # the last start whose window fits
+  starts = np.arange(0, last + 1, stride, dtype=np.int64)
+  if starts[-1] != last:
+    starts = np.append(starts, last)
+  first = np.zeros(len(starts), np.int32)
+  first[1:] = starts[:-1] + block_size - starts[1:]  # targets up to there were scored
+  return starts, first
+
+
+def spaced_windows(num_tokens: int, block_size: int, count: int):
+  """`count` evenly spaced windows of `num_tokens` ids, each scoring all its positions.
+
+  Returns (starts [count] int64, first [count] int32 of zeros), as
+  `sliding_windows` does; the same windows at every call.
+  """
+  last = num_tokens - 1 - block_size
+  starts = np.round(np.linspace(0, last, count)).astype(np.int64)
+  return starts, np.zeros(count, np.int32)
 
 
 # The largest range of starts that draw_windows' int32 randint draws from.

@@ -28,7 +28,8 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from minigpt_jax import batches, config as config_lib, cpu_tricks, optimizer, parallel, tokens
+from minigpt_jax import (batches, config as config_lib, cpu_tricks, evaluation, optimizer, parallel,
+                         tokens)
 from minigpt_jax import tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import count_params
@@ -96,6 +97,9 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
   if why is not None:
     say(f"batches come from the host: {why}")
   feed = stack.enter_context(contextlib.closing(batches.make(config, splits, mesh, state.rng)))
+  t = config.train
+  evaluator = feed if t.eval_mode == "sampled" else evaluation.FullEvaluation(
+      splits, mesh, t.batch_size, config.model.block_size, t.eval_stride, t.eval_train_windows)
   profiler = profiling.StepProfiler(workdir, config.train.profile_steps, is_main, say)
   stack.callback(profiler.stop)
   step, processes = int(state.step), jax.process_count()
@@ -106,17 +110,20 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
       f"({processes} process{'es' if processes > 1 else ''})")
   bar = tqdm.tqdm(total=config.train.steps, initial=step, file=sys.stderr, unit="step",
                   disable=not (show_progress and is_main), dynamic_ncols=True, mininterval=0.5)
-  return _Run(config, workdir, say, mesh, corpus, state, meta, mngr, writer, feed, profiler, bar)
+  return _Run(config, workdir, say, mesh, corpus, state, meta, mngr, writer, feed, evaluator,
+              profiler, bar)
 
 
 class _Run:
   """One training run's loop: compiled calls, train records, evaluations and saves."""
 
   def __init__(self, config, workdir: Path, say, mesh: Mesh, corpus: tokens.Corpus,
-               state: TrainState, meta: dict, mngr, writer: MetricsWriter, feed, profiler, bar):
+               state: TrainState, meta: dict, mngr, writer: MetricsWriter, feed, evaluator,
+               profiler, bar):
     self.config, self.workdir, self.say, self.mesh, self.corpus = config, workdir, say, mesh, corpus
     self.state, self.meta, self.step = state, meta, int(state.step)
     self.mngr, self.writer, self.batches, self.profiler, self.bar = mngr, writer, feed, profiler, bar
+    self.evaluator = evaluator  # the batches' sampled estimate, or evaluation.FullEvaluation
     self.is_main = parallel.is_main_process()
     self.config_dict, self.vocab = config.to_dict(), corpus.tokenizer.to_json()
     self.best = restore.best_of(meta)  # (val loss, step)
@@ -156,10 +163,10 @@ class _Run:
         wall_s=self.clock.wall_s())
 
   def evaluate_and_save(self) -> None:
-    """Loss estimates of both splits, an eval record, and (past step 0) a checkpoint."""
+    """The losses of both splits (sampled or full), an eval record, and (past step 0) a checkpoint."""
     self._check_finite()
     with self.clock.paused(self.state):
-      losses = {k: float(v) for k, v in self.batches.evaluate(self.state, self.step).items()}
+      losses = {k: float(v) for k, v in self.evaluator.evaluate(self.state, self.step).items()}
       bad = [f"{k} loss {v}" for k, v in sorted(losses.items()) if not math.isfinite(v)]
       if bad:
         raise _diverged(f"{' and '.join(bad)} at the evaluation of step {self.step}",

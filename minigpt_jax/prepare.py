@@ -25,7 +25,8 @@ The folder is written under a temporary name and renamed when complete: a
 killed prepare leaves no folder that reads as prepared, and the next prepare of
 the same folder removes what a SIGKILL left (`remove_stale_temps`).
 
-Owns: the token folder format (`FORMAT`, `FILES`), `prepare`, its temp folders.
+Owns: the token folder format (`FORMAT`, `FILES`), `prepare`, its temp folders,
+`encode_chunks` (a text encoded as `prepare` would, streamed).
 May import: numpy, tokenizer, errors.
 """
 
@@ -180,6 +181,24 @@ def _safe_pieces(texts: Iterator[str]) -> Iterator[list[str]]:
       yield pieces
   if carry:
     yield [carry]
+
+
+def encode_chunks(path: Path, tok) -> Iterator[tuple[np.ndarray, int]]:
+  """(ids, characters) of successive pieces of a UTF-8 file, in flat memory.
+
+  The ids are those `prepare` writes for the same text with the same
+  tokenizer: BPE encodes the same safe pieces. A character the tokenizer
+  does not know is a UserError (from `tok.encode`).
+  """
+  check_source(path)
+  texts = (text for _, text, _ in _chunks(path))
+  if tok.kind == "bpe":
+    for pieces in _safe_pieces(texts):
+      for piece, ids in zip(pieces, tok.encode_batch(pieces)):
+        yield np.asarray(ids, np.int32), len(piece)
+  else:
+    for text in texts:
+      yield np.asarray(tok.encode(text), np.int32), len(text)
 
 
 # -- Writing a folder ----------------------------------------------------------------------

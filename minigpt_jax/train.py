@@ -18,7 +18,8 @@ gradients update params and optimizer state, which are replicated. See
 The loop that drives these (files, checkpoints, logs, signals) is `loop.py`.
 The optimizer `config.train` asks for is built in `optimizer.py`.
 Owns: `TrainState`, `create_train_state`, `train_step` (with gradient
-accumulation), `train_steps`, `eval_step`, `estimate_loss`, and the keys of
+accumulation), `train_steps`, `eval_step`, `estimate_loss` (the lecture's
+sampled estimate), `score_windows` (an exact evaluation's), and the keys of
 the train and eval batches. May import: model, data, optimizer, parallel,
 cpu_tricks; nothing that writes files.
 """
@@ -225,9 +226,28 @@ def estimate_loss(state: TrainState, sources: dict, *, batch_size: int, block_si
   return losses
 
 
+def score_windows(state: TrainState, windows_BT1: jax.Array, first_B: jax.Array,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per window: the sum of its token losses from position first_B on, and their count.
+
+  For an exact evaluation (`evaluation.py`): a window whose `first` is
+  block_size (padding) scores nothing. Sums are per window, so the total,
+  added on the host in float64, does not depend on how the windows were
+  split over devices or batches. Both results come back whole to every
+  process.
+  """
+  windows_BT1 = _shard(windows_BT1, mesh)
+  logits_BTV = state.apply(state.params, windows_BT1[:, :-1])
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, windows_BT1[:, 1:])
+  scored_BT = jnp.arange(losses_BT.shape[1])[None, :] >= first_B[:, None]
+  out = (jnp.where(scored_BT, losses_BT, 0.0).sum(axis=1), scored_BT.sum(axis=1))
+  return out if mesh is None else lax.with_sharding_constraint(out, parallel.replicated(mesh))
+
+
 # Compiled once per shape and config, shared by every run in the process.
 jit_train_steps = jax.jit(train_steps, donate_argnums=0,
                           static_argnames=("batch_size", "block_size", "num_steps", "mesh",
                                            "grad_accum_steps"))
 jit_estimate_loss = jax.jit(estimate_loss,
                             static_argnames=("batch_size", "block_size", "eval_iters", "mesh"))
+jit_score_windows = jax.jit(score_windows, static_argnames=("mesh",))

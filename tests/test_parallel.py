@@ -20,6 +20,7 @@ import pytest
 from conftest import TINY_FLAGS, assert_one_line_error
 from minigpt_jax import config as config_lib, cpu_tricks, parallel
 from minigpt_jax.errors import UserError
+from minigpt_jax.tools import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_FLAGS
@@ -140,6 +141,23 @@ def _free_port(candidates=(0,)) -> int:
   raise RuntimeError("no free port")
 
 
+def _two_processes(workdir, steps, *extra, caches=None):
+  """train.py as two processes of one device each (jax.distributed on 127.0.0.1): outputs."""
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={workdir}",
+       f"--config.train.steps={steps}", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}", *extra],
+      cwd=ROOT, env={**_env(1), **({"JAX_COMPILATION_CACHE_DIR": str(caches[i])} if caches
+                                   else {})},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  return outputs
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("batches", ["device", "host"])
 def test_two_processes_match_one_process(one_device, tmp_path, batches):
@@ -148,19 +166,9 @@ def test_two_processes_match_one_process(one_device, tmp_path, batches):
   With host batches each process gathers only its own rows of each global batch.
   Each process gets a compile cache folder of its own: only process 0 writes.
   """
-  address = f"127.0.0.1:{_free_port()}"
   host = ["--config.data.on_device=False"] if batches == "host" else []
   caches = [tmp_path / f"xla{i}" for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={tmp_path}",
-       "--config.train.steps=20", f"--coordinator_address={address}",
-       "--num_processes=2", f"--process_id={i}", *host],
-      cwd=ROOT, env={**_env(1), "JAX_COMPILATION_CACHE_DIR": str(caches[i])},
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  outputs = _two_processes(tmp_path, 20, *host, caches=caches)
   _assert_same_losses(_losses(tmp_path), _losses(one_device))
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert (summary["devices"], summary["processes"]) == (2, 2)
@@ -168,6 +176,26 @@ def test_two_processes_match_one_process(one_device, tmp_path, batches):
   assert "done: step 20" in outputs[0][1] and "done:" not in outputs[1][1]
   assert any(caches[0].glob("jit_train_steps*"))  # the one train function, either batch path
   assert not caches[1].exists() or not any(caches[1].glob("jit_*"))
+
+
+@pytest.mark.multiprocess
+def test_full_evaluation_is_one_number_on_1_or_4_devices_and_2_processes(tmp_path):
+  """eval_mode "full": the untrained model's val loss (the same params everywhere) on 1
+  device, 4 devices and 2 processes with host batches, and each run's step-10 checkpoint
+  evaluated again on 1 device (evaluate.py), agree to 1e-6."""
+  full = ["--config.train.eval_mode=full", "--config.train.eval_stride=8"]
+  runs = {"one": tmp_path / "one", "four": tmp_path / "four", "two": tmp_path / "two"}
+  _train(runs["one"], 10, 1, *full)
+  _train(runs["four"], 10, 4, *full)
+  _two_processes(runs["two"], 10, *full, "--config.data.on_device=False")
+  evals = {name: {r["step"]: r for r in map(json.loads, (w / "metrics.jsonl").read_text()
+                                             .splitlines()) if r["kind"] == "eval"}
+           for name, w in runs.items()}
+  for name, workdir in runs.items():
+    assert evals[name][0]["val_loss"] == pytest.approx(evals["one"][0]["val_loss"], rel=1e-6)
+    again = evaluate.evaluate(workdir, step=10)
+    assert again["eval_mode"] == "full"
+    assert again["val_loss"] == pytest.approx(evals[name][10]["val_loss"], rel=1e-6)
 
 
 _FAKE_SRUN = """#!/bin/bash
