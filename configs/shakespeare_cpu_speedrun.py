@@ -11,8 +11,9 @@ positions, GELU and a head tied to the embedding. The recipe: batch 32 for
 50 warmup steps, then cosine to a twentieth; beta2 0.99, weight decay 0.1 on
 matrices, clipping at 1.0; one evaluation, at the end, exact (eval_mode
 "full": every val token once in windows of 64; train on as many fixed windows).
-Measured: val 1.679 at step 500, against torch_ref's 1.806, in about 0.9 of
-its wall time on a 2-core CPU (docs/recipes.md, with the sweeps behind it).
+Measured: exact val 1.670 at step 500, against torch_ref's 1.806 (its
+estimate), in 0.90 of its wall time on a 2-core CPU (docs/recipes.md, with the
+sweeps behind it).
 """
 
 from minigpt_jax.config import get_config as base_config

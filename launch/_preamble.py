@@ -4,7 +4,7 @@ The launchers import `minigpt_jax` and `configs` as an installed package
 (`pip install -e .`, which `pip install -r requirements.txt` does); without
 it, this ends the run with one line naming the install command. `start(__name__)`
 then restarts a launcher run as a program with glibc's huge-page tunable,
-once, before JAX loads (faster XLA:CPU buffers, see minigpt_jax/hugepages.py);
+once, before JAX loads (faster XLA:CPU buffers, see minigpt_jax/support/hugepages.py);
 it does nothing when the launcher is imported.
 """
 

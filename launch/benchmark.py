@@ -6,13 +6,13 @@
 Fields: config, backend, device_kind, params, compile_s (lower + compile of the
 train step), steps_per_s and tokens_per_s (steady state, in calls of
 config.train.steps_per_dispatch steps), flops_per_token (6N + 12LTC, see
-minigpt_jax/benchmark.py), achieved_flops, mfu (null on CPU or an unknown
+minigpt_jax/tools/benchmark.py), achieved_flops, mfu (null on CPU or an unknown
 GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
 (from a 1-token prompt, compile excluded), peak_memory_bytes and
 peak_memory_source ("device" or "host_rss"), and extras (devices, vocab_size,
 dtype, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
 repeats, huge_pages: whether malloc had transparent huge pages, see
-minigpt_jax/hugepages.py, and compile_cache: whether compile_s was a load
+minigpt_jax/support/hugepages.py, and compile_cache: whether compile_s was a load
 from the persistent compilation cache's folder, off here unless
 --compile_cache=true), and the machine: cpu_model, cpu_extensions (its
 vector and matrix units: avx2, avx512*, amx*, ...; empty where the OS does not

@@ -43,6 +43,11 @@ _EVAL_ITERS = flags.DEFINE_integer("eval_iters", None,
                                    "Batches per split (default: the run's eval_iters).")
 _PATH = flags.DEFINE_string("path", None, "Score every token of this UTF-8 text file instead "
                             "of the run's corpus (one split, `text`), streamed.")
+_MODE = flags.DEFINE_enum("mode", None, ["sampled", "full"], "How to score the run's "
+                          "splits (default: the run's eval_mode).")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of the sampled batches (default: the run's; "
+                             "another seed gives another estimate).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Windows per batch (default: the run's).")
 _STRIDE = flags.DEFINE_integer("stride", None, "Tokens between windows of a full evaluation, "
                                "1 to block_size (default: block_size, or the run's eval_stride).")
 
@@ -51,7 +56,8 @@ def main():
   workdir = cli.run_folder(_WORKDIR.value)
   result = evaluate.evaluate(workdir, step=_STEP.value, best=_BEST.value,
                              eval_iters=_EVAL_ITERS.value, path=_PATH.value,
-                             stride=_STRIDE.value)
+                             stride=_STRIDE.value, mode=_MODE.value, seed=_SEED.value,
+                             batch_size=_BATCH_SIZE.value)
   print(evaluate.summary_line(result), file=sys.stderr)
   print(json.dumps(result))
 

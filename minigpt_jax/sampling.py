@@ -216,6 +216,7 @@ def _kv_steps(params, state, key, temperature, count, cfg, top_k, out_BC):
 def _generate_kv(params, prompt_BP, prompt_len, key, temperature, *, cfg: ModelConfig,
                  num_tokens: int, top_k: int):
   """As `_generate_naive(window="chunked")`, with a KV cache: int32 [B, num_tokens]."""
+  params = _kv_params(params, cfg)
   state = _kv_prefill(params, prompt_BP, prompt_len, cfg)
   out_BN = jnp.zeros((prompt_BP.shape[0], num_tokens), jnp.int32)
   return _kv_steps(params, state, key, temperature, num_tokens, cfg, top_k, out_BN)[1]
@@ -236,11 +237,11 @@ def _kv_continue(params, state, key, temperature, count, *, cfg: ModelConfig, to
 
 def _kv_params(params, cfg: ModelConfig):
   """The params as the KV decoder takes them: with the CPU tricks, each block's kernels
-  cut into column slices (`cpu_tricks.slice_kernels`), once per call, not per token."""
-  return _slice_kernels(params, tricks=cfg.cpu_tricks)
+  cut into column slices (`cpu_tricks.slice_kernels`), once, before the token loop."""
+  return cpu_tricks.slice_kernels(params, cfg.cpu_tricks)
 
 
-_slice_kernels = jax.jit(cpu_tricks.slice_kernels, static_argnames=("tricks", "pieces"))
+_jit_kv_params = jax.jit(_kv_params, static_argnames="cfg")  # once per stream
 
 
 # ------------------------------------------------------------------ interface
@@ -298,8 +299,8 @@ def make_generate(cfg: ModelConfig, method: str = "kv", window: str | None = Non
     if method == "naive":
       return _generate_naive(params, prompt_BP, prompt_len, key, jnp.float32(temperature),
                              **kwargs)
-    return _generate_kv(_kv_params(params, cfg), prompt_BP, prompt_len, key,
-                        jnp.float32(temperature), **kwargs)
+    return _generate_kv(params, prompt_BP, prompt_len, key, jnp.float32(temperature),
+                        **kwargs)
 
   return generate
 
@@ -317,7 +318,7 @@ def make_stream(cfg: ModelConfig, chunk: int = 32):
     prompt_BP, prompt_len = _prepare(cfg, prompt_ids, "kv")
     temperature = jnp.float32(temperature)
     top_k = min(int(top_k), cfg.vocab_size)
-    params = _kv_params(params, cfg)
+    params = _jit_kv_params(params, cfg=cfg)
     state = _kv_start(params, prompt_BP, prompt_len, cfg=cfg)
     for done in range(0, num_tokens, chunk):
       count = min(chunk, num_tokens - done)

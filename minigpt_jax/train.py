@@ -103,7 +103,7 @@ def draw_batch(state: TrainState, train_N: jax.Array, batch_size: int, block_siz
 
 
 def _shard(windows, mesh: Mesh | None):
-  """Windows split over the mesh's `data` axis by their batch (second to last) axis."""
+  """Windows [B, T + 1] split over the mesh's `data` axis by their first (batch) axis."""
   if mesh is None:
     return windows
   return lax.with_sharding_constraint(windows, parallel.batch_sharded(mesh))

@@ -1,6 +1,6 @@
 """Scale, measured: prepare a big text, then train 50 steps from its token files on the host path.
 
-Not a test (pytest does not collect it); the README's scale figures come from
+Not a test (pytest does not collect it); the scale figures of docs/tokens.md come from
 it, and CI runs a small version (`--mb=20`):
 
   python tests/scale.py --mb=2000 --dir=/tmp/scale   # 2 GB of text; never commit it

@@ -1,4 +1,4 @@
-"""launch/benchmark.py and minigpt_jax/benchmark.py: the JSON line, FLOPs, errors, torch."""
+"""launch/benchmark.py and minigpt_jax/tools/benchmark.py: the JSON line, FLOPs, errors, torch."""
 
 import dataclasses
 import json

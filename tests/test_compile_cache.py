@@ -1,4 +1,4 @@
-"""minigpt_jax/compile_cache.py: where the cache lives (launch/ tests show it hitting)."""
+"""minigpt_jax/support/compile_cache.py: where the cache lives (launch/ tests show it hitting)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Eval-only (minigpt_jax/evaluate.py, launch/evaluate.py): a checkpoint's loss without training."""
+"""Eval-only (minigpt_jax/tools/evaluate.py, launch/evaluate.py): a checkpoint's loss without training."""
 
 import json
 import subprocess

@@ -84,6 +84,11 @@ def test_host_and_device_batches_record_the_same_full_loss_and_evaluate_repeats_
   assert result["train_loss"] == pytest.approx(records[False][10]["train_loss"], rel=1e-6)
   assert (result["eval_mode"], result["eval_stride"]) == ("full", 8)
   assert result["val_tokens_scored"] == len(tokens.load_corpus(tiny_config).val_ids) - 1
+  sampled = [evaluate.evaluate(tmp_path / "on_device_False", step=10, mode="sampled", seed=s)
+             for s in (1, 2)]  # the lecture's estimate of the same checkpoint, two seeds
+  assert [r["eval_mode"] for r in sampled] == ["sampled", "sampled"]
+  assert sampled[0]["val_loss"] != sampled[1]["val_loss"]
+  assert abs(sampled[0]["val_loss"] - result["val_loss"]) < 0.1
 
 
 def test_a_text_is_scored_streamed_in_chunks_as_one_split(tiny_config, tmp_path, monkeypatch):

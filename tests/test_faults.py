@@ -479,7 +479,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
 # -- Random SIGKILLs ----------------------------------------------------------------------------
 
 def test_soak_of_random_kills_ends_bit_identical_with_no_checkpoint_lost(tmp_path, capsys):
-  """README's `python tests/soak.py`, short: 3 kills (at launch, in training, mid-save)."""
+  """docs/reliability.md's `python tests/soak.py`, short: 3 kills (at launch, in training, mid-save)."""
   status = soak.main(["--kills=3", "--steps=400", "--eval_interval=20", "--seed=1",
                       f"--workdir={tmp_path}"])
   report = json.loads(capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""minigpt_jax/hugepages.py: when the launchers restart with glibc's huge-page tunable."""
+"""minigpt_jax/support/hugepages.py: when the launchers restart with glibc's huge-page tunable."""
 
 import pytest
 

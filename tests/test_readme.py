@@ -1,5 +1,7 @@
-"""Every `python launch/...` command in the README runs (shrunk to a few steps)."""
+"""Every `python launch/...` command in README.md and docs/*.md runs (shrunk to a few steps),
+every relative link there resolves, and the README stays short."""
 
+import os
 import pickle
 import re
 import shlex
@@ -24,12 +26,23 @@ ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "benchmark.py"
          "sample.py", "evaluate.py")
 
 
+README_MAX_LINES = 300
+
+
+def pages() -> list[Path]:
+  return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[list[str]]:
-  readme = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
-  lines = [line.strip() for block in blocks for line in block.splitlines()]
-  lines += re.findall(r"`(python launch/[^`]*)`", readme)  # inline, e.g. the results table
-  return [shlex.split(line) for line in lines if line.startswith("python launch/")]
+  """The commands of every page, each once (a command on several pages runs once)."""
+  lines = []
+  for page in pages():
+    text = page.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines += [line.strip() for block in blocks for line in block.splitlines()]
+    lines += re.findall(r"`(python launch/[^`]*)`", text)  # inline, e.g. a results table
+  commands = [shlex.split(line) for line in lines if line.startswith("python launch/")]
+  return list({tuple(c): c for c in commands}.values())
 
 
 def _script(args) -> str:
@@ -89,7 +102,22 @@ def _nanogpt_ckpt(text: str) -> dict:
 
 
 def _shrunk(args, tmp_path, workdirs):
-  """The command with tmp workdirs and files, at a size that runs in seconds."""
+  """The command with tmp workdirs and files, at a size that runs in seconds, and the
+  folder to run it in. A train.py, sample.py or evaluate.py command without --workdir
+  names its run by its config (runs/<config stem> in the current folder): it runs in
+  tmp_path/cwd with the config file's absolute path, so that is never the repo's runs/."""
+  if _script(args) in ("train.py", "sample.py", "evaluate.py") and not _flag(args, "workdir"):
+    config = _flag(args, "config")
+    run, cwd = f"runs/{Path(config).stem}", tmp_path / "cwd"
+    if _script(args) == "train.py":
+      cwd.mkdir(exist_ok=True)
+      workdirs[run] = cwd / run
+    assert workdirs.get(run) == cwd / run, f"{shlex.join(args)}: no train.py --config={config}"
+    return _shrunk_in_place(_replace(args, "config", ROOT / config), tmp_path, workdirs), cwd
+  return _shrunk_in_place(args, tmp_path, workdirs), ROOT
+
+
+def _shrunk_in_place(args, tmp_path, workdirs):
   script = _script(args)
   if script == "prepare.py":  # a token folder, which a train.py command may name
     out = _flag(args, "out")
@@ -98,9 +126,10 @@ def _shrunk(args, tmp_path, workdirs):
   tokens = _flag(args, "config.data.tokens")
   if tokens is not None:
     args = _replace(args, "config.data.tokens", workdirs[tokens])
-  if script in ("train.py", "import_torch.py", "sweep.py"):
-    workdir = _flag(args, "workdir")
-    workdirs[workdir] = tmp_path / Path(workdir).name
+  workdir = _flag(args, "workdir")
+  if script in ("train.py", "import_torch.py", "sweep.py") and workdir:
+    workdirs.setdefault(workdir, tmp_path / Path(workdir).name)  # maybe a bare run's folder
+  if workdir and script != "plot.py":
     args = _replace(args, "workdir", workdirs[workdir])
   if script == "train.py":
     return args + SHRINK
@@ -130,10 +159,13 @@ def _shrunk(args, tmp_path, workdirs):
     args = [f"--workdir={workdirs[a.split('=', 1)[1]]}" if a.startswith("--workdir=") else a
             for a in args]
     return _replace(args, "out", tmp_path / Path(_flag(args, "out")).name)
-  if script == "evaluate.py":
-    return _replace(args, "workdir", workdirs[_flag(args, "workdir")])
+  if script == "evaluate.py":  # a stride within the shrunk block; a --path from the repo's root
+    if _flag(args, "stride"):
+      args = _replace(args, "stride", 8)
+    if _flag(args, "path"):
+      args = _replace(args, "path", (ROOT / _flag(args, "path")).resolve())
+    return args
   if script == "sample.py":
-    args = _replace(args, "workdir", workdirs[_flag(args, "workdir")])
     return _drop(args, "num_tokens") + ["--num_tokens=5"]
   raise AssertionError(f"test_readme does not know how to shrink {script}")
 
@@ -141,10 +173,49 @@ def _shrunk(args, tmp_path, workdirs):
 def test_readme_commands_run(tmp_path):
   commands = readme_commands()
   for script in ORDER:
-    assert any(_script(c) == script for c in commands), f"no {script} command in the README"
+    assert any(_script(c) == script for c in commands), f"no {script} command in the docs"
   workdirs = {}
+  env = dict(os.environ)  # a relative MINIGPT_DATA_DIR (CI's) names the same folder from tmp
+  if env.get("MINIGPT_DATA_DIR"):
+    env["MINIGPT_DATA_DIR"] = str(Path(env["MINIGPT_DATA_DIR"]).resolve())
   for args in sorted(commands, key=lambda c: ORDER.index(_script(c))):
-    argv = _shrunk(args, tmp_path, workdirs)
-    result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    argv, cwd = _shrunk(args, tmp_path, workdirs)
+    result = subprocess.run([sys.executable, ROOT / argv[1], *argv[2:]], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{shlex.join(args)}\n{result.stderr[-2000:]}"
+    if _script(args) == "train.py" and not _flag(args, "workdir"):  # runs/<config stem>
+      run = cwd / "runs" / Path(_flag(args, "config")).stem
+      assert (run / "summary.json").is_file(), f"{shlex.join(args)} did not train into {run}"
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+  """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to -."""
+  text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+          for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_relative_links_resolve():
+  """Every relative link (and image) in README.md and docs/*.md names a file that exists,
+  and a #fragment of a markdown page names one of its headings."""
+  broken = []
+  for page in pages():
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in LINK.findall(text):
+      if re.match(r"[a-z]+:", target):  # https:, mailto:
+        continue
+      path, _, fragment = target.partition("#")
+      file = (page.parent / path).resolve() if path else page
+      if not file.exists():
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+      elif fragment and file.suffix == ".md" and fragment not in _anchors(file):
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+  assert not broken, "\n".join(broken)
+
+
+def test_readme_is_short():
+  lines = len((ROOT / "README.md").read_text().splitlines())
+  assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/"

@@ -6,7 +6,7 @@ traceback. Ctrl-C ends it with status 130 after the loop has saved its work.
 
 `--compile_cache` (every launcher has it; on by default, off by default in
 benchmark.py, which times compilation) turns on JAX's persistent compilation
-cache, see minigpt_jax/compile_cache.py.
+cache, see minigpt_jax/support/compile_cache.py.
 
 Owns: flag parsing, the `--compile_cache` flag, the default run folder
 (runs/<config stem>), and the error and exit-status policy of the launchers.

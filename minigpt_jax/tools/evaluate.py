@@ -105,18 +105,31 @@ def _score_corpus(state: TrainState, loaded: restore.Loaded, config, eval_iters,
 
 def evaluate(workdir: str | Path, step: int | None = None, best: bool = False,
              eval_iters: int | None = None, path: str | Path | None = None,
-             stride: int | None = None, warn=None) -> dict:
-  """Loss and bits per character of a checkpoint; see the module docstring."""
+             stride: int | None = None, mode: str | None = None, seed: int | None = None,
+             batch_size: int | None = None, warn=None) -> dict:
+  """Loss and bits per character of a checkpoint; see the module docstring.
+
+  `mode` ("sampled" or "full") overrides the run's eval_mode, `seed` the seed
+  the sampled batches are drawn from (another estimate), `batch_size` the
+  windows per batch (the run's by default; any size gives the same full loss).
+  """
   if best and step is not None:
     raise UserError("--step and --best pick different checkpoints; pass only one")
   if eval_iters is not None and eval_iters <= 0:
     raise UserError(f"--eval_iters is {eval_iters}; use a positive number of batches")
   _check_stride(stride, None)
+  if mode is not None and mode not in config_lib.EVAL_MODES:
+    raise UserError(f"--mode is {mode!r}; use one of {', '.join(config_lib.EVAL_MODES)}")
+  if batch_size is not None and batch_size <= 0:
+    raise UserError(f"--batch_size is {batch_size}; use a positive number of windows")
   loaded = restore.load(workdir, step, best, warn)
   config = config_lib.get_config()  # a field newer than the checkpoint keeps its default
   config.update(loaded.config)
   if "metrics" in config:
     config.metrics.wandb_project = ""  # evaluation logs nowhere: no need for wandb
+  config.train.eval_mode = mode or config.train.eval_mode
+  config.seed = config.seed if seed is None else seed
+  config.train.batch_size = batch_size or config.train.batch_size
   block = config.model.block_size
   _check_stride(stride, block)
   # The sampled batches come from the run's root key and the step alone.
