@@ -122,7 +122,8 @@ class _Run:
                profiler, bar):
     self.config, self.workdir, self.say, self.mesh, self.corpus = config, workdir, say, mesh, corpus
     self.state, self.meta, self.step = state, meta, int(state.step)
-    self.mngr, self.writer, self.batches, self.profiler, self.bar = mngr, writer, feed, profiler, bar
+    self.mngr, self.writer, self.profiler, self.bar = mngr, writer, profiler, bar
+    self.batches = feed  # where each call's windows come from (batches.py)
     self.evaluator = evaluator  # the batches' sampled estimate, or evaluation.FullEvaluation
     self.is_main = parallel.is_main_process()
     self.config_dict, self.vocab = config.to_dict(), corpus.tokenizer.to_json()
@@ -163,7 +164,7 @@ class _Run:
         wall_s=self.clock.wall_s())
 
   def evaluate_and_save(self) -> None:
-    """The losses of both splits (sampled or full), an eval record, and (past step 0) a checkpoint."""
+    """Both splits' losses (sampled or full), an eval record, and (past step 0) a checkpoint."""
     self._check_finite()
     with self.clock.paused(self.state):
       losses = {k: float(v) for k, v in self.evaluator.evaluate(self.state, self.step).items()}
@@ -176,8 +177,8 @@ class _Run:
       self.meta = {"step": self.step, "train_loss": losses["train"],
                    "val_loss": losses["val"], "best_val_loss": self.best[0],
                    "best_step": self.best[1]}
-      self.writer.write("eval", self.step, train_loss=losses["train"],
-                        val_loss=losses["val"], train_bpc=_bpc(self.corpus, losses["train"], "train"),
+      self.writer.write("eval", self.step, train_loss=losses["train"], val_loss=losses["val"],
+                        train_bpc=_bpc(self.corpus, losses["train"], "train"),
                         val_bpc=_bpc(self.corpus, losses["val"]), wall_s=self.clock.wall_s())
       if self.step > 0:
         checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)

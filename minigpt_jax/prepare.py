@@ -183,12 +183,14 @@ def _safe_pieces(texts: Iterator[str]) -> Iterator[list[str]]:
     yield [carry]
 
 
-def encode_chunks(path: Path, tok) -> Iterator[tuple[np.ndarray, int]]:
+def encode_chunks(path: Path, tok,
+                  whose: str = "tokenizer's") -> Iterator[tuple[np.ndarray, int]]:
   """(ids, characters) of successive pieces of a UTF-8 file, in flat memory.
 
   The ids are those `prepare` writes for the same text with the same
-  tokenizer: BPE encodes the same safe pieces. A character the tokenizer
-  does not know is a UserError (from `tok.encode`).
+  tokenizer: BPE encodes the same safe pieces. A missing, empty or non-UTF-8
+  file, or a character outside the vocabulary ("the {whose} vocabulary"), is
+  a one-line UserError.
   """
   check_source(path)
   texts = (text for _, text, _ in _chunks(path))
@@ -196,9 +198,13 @@ def encode_chunks(path: Path, tok) -> Iterator[tuple[np.ndarray, int]]:
     for pieces in _safe_pieces(texts):
       for piece, ids in zip(pieces, tok.encode_batch(pieces)):
         yield np.asarray(ids, np.int32), len(piece)
-  else:
-    for text in texts:
-      yield np.asarray(tok.encode(text), np.int32), len(text)
+    return
+  for text in texts:
+    try:
+      ids = tok.encode(text)
+    except UserError as e:
+      raise UserError(f"{path} cannot be encoded with the {whose} vocabulary: {e}") from None
+    yield np.asarray(ids, np.int32), len(text)
 
 
 # -- Writing a folder ----------------------------------------------------------------------

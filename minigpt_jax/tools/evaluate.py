@@ -51,14 +51,10 @@ def _score_text(state: TrainState, tokenizer, path: Path, batch_size: int, block
   counted = {"ids": 0, "chars": 0}
 
   def chunks():
-    try:
-      for ids, chars in prepare.encode_chunks(path, tokenizer):
-        counted["ids"] += len(ids)
-        counted["chars"] += chars
-        yield ids
-    except UserError as e:
-      raise UserError(f"{path} cannot be encoded with the checkpoint's vocabulary: "
-                      f"{e}") from None
+    for ids, chars in prepare.encode_chunks(path, tokenizer, whose="checkpoint's"):
+      counted["ids"] += len(ids)
+      counted["chars"] += chars
+      yield ids
 
   total, count = evaluation.score(
       state, evaluation.stream_windows(chunks(), block_size, stride), batch_size, block_size)
