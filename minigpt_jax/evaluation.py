@@ -10,8 +10,8 @@ evaluation. A split's loss is the sum of its token losses over their count.
 
 Windows are gathered on the host from the ids (arrays or a token file's
 memmap: only the windows are read), batch_size at a time, each process
-gathering only the rows its devices hold; the last batch is padded with
-windows that score nothing. `train.score_windows` returns each window's sum,
+gathering only the windows of the rows its devices hold; the last batch is
+padded with windows that score nothing. `train.score_windows` returns each window's sum,
 and the host adds them in float64 in window order, so 1 device, N devices,
 N processes and either batch path give the same number.
 
@@ -31,43 +31,56 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from minigpt_jax import batches, data, parallel, train
 
 
-def _batched(windows: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
-             block_size: int, rows: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Groups (windows [n, T+1], first [n]) into padded batches, this process's rows of each."""
-  pending_w, pending_f, held = [], [], 0
+def _batched(pieces: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
+             rows: tuple[int, int], fill: np.ndarray,
+             block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Groups (items [n, ...], first [n]) into batches of batch_size, this process's rows of each.
+
+  The last batch is padded with `fill` items whose `first` is block_size: they
+  score nothing.
+  """
+  pending_i, pending_f, held = [], [], 0
 
   def emit():
-    w, f = np.concatenate(pending_w), np.concatenate(pending_f)
-    pad = batch_size - len(f)
-    w = np.concatenate([w, np.zeros((pad, block_size + 1), np.int32)])
-    f = np.concatenate([f, np.full(pad, block_size, np.int32)])  # padding: nothing scored
+    items, first = np.concatenate(pending_i), np.concatenate(pending_f)
+    pad = batch_size - len(first)
+    items = np.concatenate([items, np.repeat(fill[None], pad, axis=0)])
+    first = np.concatenate([first, np.full(pad, block_size, np.int32)])
     lo, hi = rows
-    return w[lo:hi], f[lo:hi]
+    return items[lo:hi], first[lo:hi]
 
-  for w, f in windows:
-    while len(f):
-      take = min(batch_size - held, len(f))
-      pending_w.append(w[:take])
-      pending_f.append(f[:take])
-      w, f, held = w[take:], f[take:], held + take
+  for items, first in pieces:
+    while len(first):
+      take = min(batch_size - held, len(first))
+      pending_i.append(items[:take])
+      pending_f.append(first[:take])
+      items, first, held = items[take:], first[take:], held + take
       if held == batch_size:
         yield emit()
-        pending_w, pending_f, held = [], [], 0
+        pending_i, pending_f, held = [], [], 0
   if held:
     yield emit()
 
 
-def score(state: train.TrainState, windows: Iterable[tuple[np.ndarray, np.ndarray]],
-          batch_size: int, block_size: int, mesh: Mesh | None = None) -> tuple[float, int]:
-  """(sum of the scored token losses, their count) of (windows, first) pieces, in order."""
+def score(state: train.TrainState, pieces: Iterable[tuple[np.ndarray, np.ndarray]],
+          batch_size: int, block_size: int, mesh: Mesh | None = None,
+          ids_N: np.ndarray | None = None) -> tuple[float, int]:
+  """(sum of the scored token losses, their count) of (windows, first) pieces, in order.
+
+  With `ids_N`, the pieces are (starts, first) into those ids, and this
+  process gathers only the windows of its own rows of each batch.
+  """
   sharding = (NamedSharding(mesh, P(parallel.DATA_AXIS)) if mesh is not None
               else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   rows = (batches.local_rows(sharding, (batch_size, block_size + 1), 0) if mesh is not None
           else (0, batch_size))
+  fill = np.zeros((), np.int64) if ids_N is not None else np.zeros(block_size + 1, np.int32)
   outputs = []
-  for local_w, local_f in _batched(windows, batch_size, block_size, rows):
+  for local, local_f in _batched(pieces, batch_size, rows, fill, block_size):
+    if ids_N is not None:
+      local = data.gather_windows(ids_N, local, block_size)
     windows_BT1 = jax.make_array_from_process_local_data(
-        sharding, local_w, (batch_size, block_size + 1))
+        sharding, local, (batch_size, block_size + 1))
     first_B = jax.make_array_from_process_local_data(sharding, local_f, (batch_size,))
     outputs.append(train.jit_score_windows(state, windows_BT1, first_B, mesh=mesh))
     if len(outputs) > 8:  # bound what waits on the device; keeps the order
@@ -83,13 +96,6 @@ def _add(outputs) -> tuple[np.ndarray, np.ndarray]:
   sums = np.concatenate([np.asarray(s, np.float64) for s, _ in outputs])
   counts = np.concatenate([np.asarray(c, np.int64) for _, c in outputs])
   return np.array([np.sum(sums)]), np.array([np.sum(counts)])
-
-
-def _gathered(ids_N: np.ndarray, starts_W: np.ndarray, first_W: np.ndarray, block_size: int,
-              chunk: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  for i in range(0, len(starts_W), chunk):
-    yield (data.gather_windows(ids_N, starts_W[i:i + chunk], block_size),
-           first_W[i:i + chunk])
 
 
 class FullEvaluation:
@@ -112,8 +118,8 @@ class FullEvaluation:
     losses = {}
     for name in sorted(self.plans):
       starts_W, first_W = self.plans[name]
-      total, count = score(state, _gathered(self.splits[name], starts_W, first_W, self.T),
-                           self.B, self.T, self.mesh)
+      total, count = score(state, [(starts_W, first_W)], self.B, self.T, self.mesh,
+                           ids_N=self.splits[name])
       losses[name] = total / count
     return losses
 
