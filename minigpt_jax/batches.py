@@ -78,7 +78,7 @@ def local_rows(sharding: NamedSharding, shape: tuple, axis: int) -> tuple[int, i
   slices = [index[axis] for index in sharding.addressable_devices_indices_map(shape).values()]
   bounds = sorted({(s.start or 0, shape[axis] if s.stop is None else s.stop) for s in slices})
   lo, hi = bounds[0][0], bounds[-1][1]
-  if sum(b - a for a, b in bounds) != hi - lo:  # a 1-D mesh gives each process one block
+  if sum(b - a for a, b in bounds) != hi - lo:  # jax.devices() keeps a process together
     raise ValueError(f"this process's rows {bounds} are not one block")
   return lo, hi
 
@@ -102,7 +102,7 @@ class HostBatches:
     self.B, self.T, self.eval_iters = batch_size, block_size, eval_iters
     self.shapes = dict(batch_size=batch_size, block_size=block_size, mesh=mesh)
     self.grad_accum_steps = grad_accum_steps
-    self.sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # [K, B, T+1]
+    self.sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))  # [K, B, T+1]
     self.rows = local_rows(self.sharding, (1, batch_size, block_size + 1), 1)
     # The root key never changes; a replicated array, so any shard is all of it. A
     # copy: the state's own buffer is donated to the next call.

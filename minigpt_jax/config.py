@@ -75,9 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   # <workdir>/profile/, for TensorBoard's profile plugin and Perfetto; 0: off.
   config.train.profile_steps = 0
 
-  # Devices: a 1-D mesh whose `data` axis shards the batch; params are replicated.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # data-parallel shards; -1: every device of every process
+  # Devices: a data x fsdp mesh (parallel.py). The batch is split over both axes;
+  # along fsdp each weight matrix and its optimizer state are split too (FSDP).
+  # Counts of devices; -1: the rest (data -1 and fsdp 1: plain data parallelism).
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.data = -1
+  config.parallel.fsdp = 1
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep = 3  # latest checkpoints kept, plus the best one
@@ -207,25 +210,43 @@ def validate_for_data(config: ml_collections.ConfigDict, train_len: int,
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
-                         num_processes: int = 1) -> int:
-  """The number of data shards; the batch must split evenly across them."""
-  shards = config.mesh.data
-  _require(shards == -1 or (isinstance(shards, int) and 1 <= shards <= num_devices),
-           "mesh.data", f"is {shards!r} but there are {num_devices} devices",
-           f"use -1 (all devices) or a count from 1 to {num_devices}")
-  shards = num_devices if shards == -1 else shards
-  _require(num_processes == 1 or shards == num_devices, "mesh.data",
-           f"is {shards} but {num_processes} processes hold {num_devices} devices",
-           "use -1 so every process takes part")
+                         num_processes: int = 1) -> tuple[int, int]:
+  """(data, fsdp) device counts of the mesh; the batch must split evenly across them."""
+  p = config.parallel
+  for field in ("data", "fsdp"):
+    value = p[field]
+    _require(value == -1 or (isinstance(value, int) and 1 <= value <= num_devices),
+             f"parallel.{field}", f"is {value!r} but there are {num_devices} devices",
+             f"use -1 (the rest) or a count from 1 to {num_devices}")
+  _require(not (p.data == -1 and p.fsdp == -1), "parallel.data",
+           "and config.parallel.fsdp are both -1", "set one of them to a device count")
+  data, fsdp = p.data, p.fsdp
+  if fsdp == -1:
+    _require(num_devices % data == 0, "parallel.data", f"({data}) does not divide the "
+             f"{num_devices} devices", "use a divisor of the device count, or set "
+             "config.parallel.fsdp")
+    fsdp = num_devices // data
+  _require(num_devices % fsdp == 0, "parallel.fsdp", f"({fsdp}) does not divide the "
+           f"{num_devices} devices", "use a divisor of the device count")
+  if data == -1:
+    data = num_devices // fsdp
+  shards = data * fsdp
+  _require(shards <= num_devices, "parallel.data",
+           f"x config.parallel.fsdp is {data} x {fsdp} = {shards} but there are "
+           f"{num_devices} devices", f"use counts whose product is at most {num_devices}")
+  _require(num_processes == 1 or shards == num_devices, "parallel.data",
+           f"x config.parallel.fsdp is {shards} but {num_processes} processes hold "
+           f"{num_devices} devices", "use -1 for one of them so every process takes part")
   _require(config.train.batch_size % shards == 0, "train.batch_size",
-           f"({config.train.batch_size}) does not divide by the {shards} data shards",
-           f"use a multiple of {shards} or set config.mesh.data to a divisor of it")
+           f"({config.train.batch_size}) does not divide by the {shards} devices of the "
+           f"{data} x {fsdp} (data x fsdp) mesh",
+           f"use a multiple of {shards} or fewer devices (config.parallel)")
   accum = config.train.grad_accum_steps
   _require(config.train.batch_size % (shards * accum) == 0, "train.batch_size",
-           f"({config.train.batch_size}) does not divide into {shards} data shards of "
+           f"({config.train.batch_size}) does not divide into {shards} devices of "
            f"{accum} micro-batches (config.train.grad_accum_steps)",
            f"use a multiple of {shards * accum}")
-  return shards
+  return data, fsdp
 
 
 def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from minigpt_jax import batches, data, parallel, train
 
@@ -70,7 +70,7 @@ def score(state: train.TrainState, pieces: Iterable[tuple[np.ndarray, np.ndarray
   With `ids_N`, the pieces are (starts, first) into those ids, and this
   process gathers only the windows of its own rows of each batch.
   """
-  sharding = (NamedSharding(mesh, P(parallel.DATA_AXIS)) if mesh is not None
+  sharding = (parallel.batch_sharded(mesh) if mesh is not None
               else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   rows = (batches.local_rows(sharding, (batch_size, block_size + 1), 0) if mesh is not None
           else (0, batch_size))

@@ -39,9 +39,9 @@ from minigpt_jax.train import TrainState, create_train_state
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The data-parallel mesh `config.mesh` asks for, checked against the devices."""
+  """The data x fsdp mesh `config.parallel` asks for, checked against the devices."""
   config_lib.validate(config)
-  return parallel.make_mesh(config_lib.validate_for_devices(
+  return parallel.make_mesh(*config_lib.validate_for_devices(
       config, jax.device_count(), jax.process_count()))
 
 
@@ -261,6 +261,10 @@ def _summary(run: _Run) -> dict:
       "corpus": corpus.name,
       "backend": jax.default_backend(),
       "devices": run.mesh.devices.size,
+      "mesh": dict(run.mesh.shape),  # {"data": D, "fsdp": F}
+      # params + optimizer state on the fullest device: about 1/fsdp of the whole
+      "state_bytes_per_device": parallel.bytes_per_device((run.state.params,
+                                                           run.state.opt_state)),
       "processes": jax.process_count(),
       "data_on_device": run.batches.on_device,
   }

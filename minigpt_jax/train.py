@@ -10,18 +10,18 @@ one compiled call. A batch is windows [B, block_size + 1] of token ids:
 drawn inside the call from the corpus, which every device holds, or
 gathered by the host with the same keys (`batches.py`, for corpora past the
 device budget); the two differ only in where the windows come from. They are
-sharded over the mesh's `data` axis; each device (and each process) computes
-the loss and gradients of only its rows (a shard_map), and the averaged
-gradients update params and optimizer state, which are replicated. See
-`parallel.py`.
+split over every device of the data x fsdp mesh; each device (and each
+process) computes the loss and gradients of only its rows (a shard_map), and
+the averaged gradients update params and optimizer state, whose matrices are
+split along `fsdp` (replicated at fsdp 1). See `parallel.py`.
 
 The loop that drives these (files, checkpoints, logs, signals) is `loop.py`.
 The optimizer `config.train` asks for is built in `optimizer.py`.
 Owns: `TrainState`, `create_train_state`, `train_step` (with gradient
 accumulation), `train_steps`, `eval_step`, `estimate_loss` (the lecture's
 sampled estimate), `score_windows` (an exact evaluation's), and the keys of
-the train and eval batches. May import: model, data, optimizer, parallel,
-cpu_tricks; nothing that writes files.
+the train and eval batches. May import: model, data, optimizer, parallel;
+nothing that writes files.
 """
 
 import functools
@@ -34,7 +34,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from minigpt_jax import cpu_tricks, data, parallel
+from minigpt_jax import data, parallel
 from minigpt_jax.model import ModelConfig, build_model, cross_entropy, init_params, rows_from
 from minigpt_jax.optimizer import make_optimizer
 
@@ -67,7 +67,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int,
                        mesh: Mesh | None = None) -> TrainState:
-  """A fresh state from `config.seed`, replicated over `mesh`; built by one jit call."""
+  """A fresh state from `config.seed`, laid out over `mesh` (`parallel.shardings`)."""
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
   init = _jit_init(model_cfg, make_optimizer(config.train), mesh)
   return init(jax.random.PRNGKey(config.seed))
@@ -81,7 +81,10 @@ def _jit_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=rng, model_cfg=model_cfg, tx=tx)
 
-  return jax.jit(init, out_shardings=None if mesh is None else parallel.replicated(mesh))
+  if mesh is None:
+    return jax.jit(init)
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return jax.jit(init, out_shardings=parallel.shardings(abstract, mesh))
 
 
 def batch_keys(rng: jax.Array, first_step, num_steps: int) -> jax.Array:
@@ -103,7 +106,7 @@ def draw_batch(state: TrainState, train_N: jax.Array, batch_size: int, block_siz
 
 
 def _shard(windows, mesh: Mesh | None):
-  """Windows [B, T + 1] split over the mesh's `data` axis by their first (batch) axis."""
+  """Windows [B, T + 1] split over every device of the mesh by their first (batch) axis."""
   if mesh is None:
     return windows
   return lax.with_sharding_constraint(windows, parallel.batch_sharded(mesh))
@@ -117,15 +120,18 @@ def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = No
   skipped non-finite updates on, also the current run of skips and their total.
 
   With a mesh of several devices, each device computes the loss and
-  gradients of its rows of the batch (shard_map), and one
-  `cpu_tricks.mean_over_devices` averages them. With `grad_accum_steps` = K,
+  gradients of its rows of the batch (shard_map) from the whole params,
+  all-gathered from their fsdp shards, and `parallel.mean_grads` averages the
+  gradients, each device keeping its shard. With `grad_accum_steps` = K,
   each device's rows go through in K micro-batches whose gradients are
   averaged: the same update, in less memory. Each share of the batch is
   computed under `model.rows_from(its first row)`, so dropout draws the masks
-  of the whole batch however it is split.
+  of the whole batch however it is split. The optimizer then updates each
+  shard where it lives.
   """
   dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
-  data_parallel = mesh is not None and mesh.devices.size > 1
+  sharded = mesh is not None and mesh.devices.size > 1
+  specs = parallel.specs(state.params, mesh)
 
   def loss_fn(params, windows_bT1):
     logits_bTV = state.apply(params, windows_bT1[:, :-1], deterministic=False,
@@ -133,18 +139,17 @@ def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = No
     return cross_entropy(logits_bTV, windows_bT1[:, 1:])
 
   def loss_and_grads(params, windows_bT1):
-    first_row = lax.axis_index(parallel.DATA_AXIS) * windows_bT1.shape[0] if data_parallel else 0
-    loss, grads = _accumulate(jax.value_and_grad(loss_fn), params, windows_bT1, first_row,
-                              grad_accum_steps)
-    if not data_parallel:
-      return loss, grads
-    return cpu_tricks.mean_over_devices((loss, grads), parallel.DATA_AXIS,
-                                        state.model_cfg.cpu_tricks)
+    if not sharded:
+      return _accumulate(jax.value_and_grad(loss_fn), params, windows_bT1, 0, grad_accum_steps)
+    first_row = parallel.device_index() * windows_bT1.shape[0]
+    loss, grads = _accumulate(jax.value_and_grad(loss_fn), parallel.gather_params(params, specs),
+                              windows_bT1, first_row, grad_accum_steps)
+    return parallel.mean_grads(loss, grads, specs, state.model_cfg.cpu_tricks)
 
-  if data_parallel:
+  if sharded:
     loss_and_grads = jax.shard_map(
-        loss_and_grads, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
-        out_specs=P(), check_vma=False)  # the mean leaves them equal on every device
+        loss_and_grads, mesh=mesh, in_specs=(specs, P(parallel.BATCH_AXES)),
+        out_specs=(P(), specs), check_vma=False)  # the mean leaves them equal on every device
   loss, grads = loss_and_grads(state.params, windows_BT1)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -190,13 +195,19 @@ def train_steps(state: TrainState, train_source: jax.Array, *, batch_size: int,
   def one_step(state, windows_BT1):
     if on_device:
       windows_BT1 = draw_batch(state, train_source, batch_size, block_size)
-    return train_step(state, _shard(windows_BT1, mesh), mesh, grad_accum_steps)
+    state, metrics = train_step(state, _shard(windows_BT1, mesh), mesh, grad_accum_steps)
+    return _keep_layout(state, mesh), metrics
 
   state, metrics_K = lax.scan(one_step, state, None if on_device else train_source,
                               length=num_steps)
-  if mesh is not None:
-    state = lax.with_sharding_constraint(state, parallel.replicated(mesh))
-  return state, metrics_K
+  return _keep_layout(state, mesh), metrics_K
+
+
+def _keep_layout(state: TrainState, mesh: Mesh | None) -> TrainState:
+  """The state in the layout it came in: fsdp shards where they were, the rest replicated."""
+  if mesh is None:
+    return state
+  return lax.with_sharding_constraint(state, parallel.shardings(state, mesh))
 
 
 def eval_step(state: TrainState, params, windows_BT1) -> jax.Array:

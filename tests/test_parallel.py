@@ -67,14 +67,43 @@ def one_device(tmp_path_factory):
 def test_the_batch_must_divide_by_the_data_shards():
   config = config_lib.get_config()
   config.train.batch_size = 6
-  with pytest.raises(UserError, match=r"train.batch_size \(6\) does not divide by the 4 data "
-                                      r"shards; use a multiple of 4"):
+  with pytest.raises(UserError, match=r"train.batch_size \(6\) does not divide by the 4 "
+                                      r"devices of the 4 x 1 \(data x fsdp\) mesh; use a "
+                                      r"multiple of 4"):
     config_lib.validate_for_devices(config, 4)
-  config.mesh.data = 3
-  assert config_lib.validate_for_devices(config, 4) == 3
-  config.mesh.data = 8
-  with pytest.raises(UserError, match=r"mesh.data is 8 but there are 4 devices"):
+  config.parallel.data = 3
+  assert config_lib.validate_for_devices(config, 4) == (3, 1)
+  config.parallel.data = 8
+  with pytest.raises(UserError, match=r"parallel.data is 8 but there are 4 devices"):
     config_lib.validate_for_devices(config, 4)
+
+
+def test_a_mesh_that_does_not_fit_is_a_one_line_error():
+  """fsdp must divide the devices (with data -1), the batch all of them; -1 is the rest."""
+  config = config_lib.get_config()
+  config.train.batch_size = 8
+  config.parallel.update(data=-1, fsdp=2)
+  assert config_lib.validate_for_devices(config, 4) == (2, 2)
+  config.parallel.update(data=1, fsdp=-1)
+  assert config_lib.validate_for_devices(config, 4) == (1, 4)
+  config.parallel.update(data=-1, fsdp=3)
+  with pytest.raises(UserError, match=r"parallel.fsdp \(3\) does not divide the 4 devices"):
+    config_lib.validate_for_devices(config, 4)
+  config.parallel.update(data=1, fsdp=3)  # 3 of the 4 devices: fsdp must divide them all
+  with pytest.raises(UserError, match=r"parallel.fsdp \(3\) does not divide the 4 devices"):
+    config_lib.validate_for_devices(config, 4)
+  config.parallel.update(data=-1, fsdp=-1)
+  with pytest.raises(UserError, match=r"both -1; set one of them"):
+    config_lib.validate_for_devices(config, 4)
+  config.parallel.update(data=2, fsdp=2)
+  config.train.batch_size = 6
+  with pytest.raises(UserError, match=r"batch_size \(6\) does not divide by the 4 devices of "
+                                      r"the 2 x 2 \(data x fsdp\) mesh"):
+    config_lib.validate_for_devices(config, 4)
+  config.train.batch_size = 8
+  config.parallel.update(data=1, fsdp=2)
+  with pytest.raises(UserError, match=r"2 processes hold 4 devices"):
+    config_lib.validate_for_devices(config, 4, num_processes=2)
 
 
 def test_an_uneven_batch_fails_in_one_line_before_compiling(tmp_path):
@@ -141,14 +170,14 @@ def _free_port(candidates=(0,)) -> int:
   raise RuntimeError("no free port")
 
 
-def _two_processes(workdir, steps, *extra, caches=None):
-  """train.py as two processes of one device each (jax.distributed on 127.0.0.1): outputs."""
+def _two_processes(workdir, steps, *extra, caches=None, devices=1):
+  """train.py as two processes of `devices` each (jax.distributed on 127.0.0.1): outputs."""
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, f"--workdir={workdir}",
        f"--config.train.steps={steps}", f"--coordinator_address={address}",
        "--num_processes=2", f"--process_id={i}", *extra],
-      cwd=ROOT, env={**_env(1), **({"JAX_COMPILATION_CACHE_DIR": str(caches[i])} if caches
+      cwd=ROOT, env={**_env(devices), **({"JAX_COMPILATION_CACHE_DIR": str(caches[i])} if caches
                                    else {})},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
