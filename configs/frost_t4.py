@@ -5,6 +5,8 @@ on a Colab T4 in PyTorch).
 
 3.2M parameters; dropout 0.2; eval every 500 steps over 200 batches per split: the
 seed's estimate (eval_mode "sampled"), so the numbers compare with the notebook's.
+The dtype is "auto": float32 on a T4, as the notebook's; bfloat16 on an A100 or newer,
+where it reached float32's best val loss (docs/speed.md, "On a GPU").
 """
 
 from minigpt_jax.config import get_config as base_config

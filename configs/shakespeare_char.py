@@ -4,7 +4,9 @@
 
 The lecture reports val loss 1.48 after 5000 steps on a GPU (about 15 minutes
 on an A100); on a 2-core CPU it is far too slow to run in full. Evaluation is the
-lecture's estimate (eval_mode "sampled"), as that 1.48 is.
+lecture's estimate (eval_mode "sampled"), as that 1.48 is. The dtype is
+"auto": bfloat16 on an A100 or newer, in which this config reached the
+lecture's 1.48 (docs/speed.md, "On a GPU").
 """
 
 from minigpt_jax.config import get_config as base_config

@@ -11,6 +11,7 @@ which follows the backend alone, as it avoids a deadlock. May import: JAX and
 Flax only, so the model, sampling, parallel and the loop can all use it.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,19 +31,31 @@ def enabled(setting: str) -> bool:
 
 # -- 1. The kernel gradient as (dy^T x)^T: faster on CPU, see docs/speed.md.
 
-@jax.custom_vjp
-def _matmul(x_MK, w_KN):
-  return x_MK @ w_KN
+def _product(a, b):
+  """a @ b accumulated and returned in float32: with bfloat16 inputs, the form in which
+  XLA reaches AMX units and tensor cores."""
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def _matmul_fwd(x_MK, w_KN):
-  return x_MK @ w_KN, (x_MK, w_KN)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_MK, w_KN, dtype):
+  """x @ w, both in `dtype` (x comes cast, the float32 kernel is cast here), in float32."""
+  return _product(x_MK, w_KN.astype(dtype))
 
 
-def _matmul_bwd(residuals, dy_MN):
+def _matmul_fwd(x_MK, w_KN, dtype):
+  w_KN = w_KN.astype(dtype)  # kept in `dtype`: half the memory in bfloat16
+  return _product(x_MK, w_KN), (x_MK, w_KN)
+
+
+def _matmul_bwd(dtype, residuals, dy_MN):
+  """dy arrives in float32, the product's dtype: both backward products take it in `dtype`,
+  so they too are `dtype` products accumulating in float32. dW comes back float32."""
   x_MK, w_KN = residuals
-  dw_NK = lax.dot_general(dy_MN, x_MK, (((0,), (0,)), ((), ())))  # dy^T x
-  return dy_MN @ w_KN.T, dw_NK.T
+  dy_MN = dy_MN.astype(dtype)
+  dw_NK = lax.dot_general(dy_MN, x_MK, (((0,), (0,)), ((), ())),  # dy^T x
+                          preferred_element_type=jnp.float32)
+  return _product(dy_MN, w_KN.T).astype(x_MK.dtype), dw_NK.T
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -55,7 +68,9 @@ class Dense(nn.Module):
   x^T dy makes XLA:CPU copy dy into a transposed layout first. Decoding: the
   kernel may come as a tuple of column slices (`slice_kernels`), many small
   products XLA:CPU spreads over its cores. A custom VJP defines no
-  forward-mode derivative: turn the switch off for `jax.jvp`.
+  forward-mode derivative: turn the switch off for `jax.jvp`. As `dense`'s
+  plain layer: x and the kernel multiply in `dtype`, accumulating in float32,
+  and the float32 bias is added to the float32 result, which is returned.
   """
   features: int
   dtype: Any
@@ -69,20 +84,33 @@ class Dense(nn.Module):
       kernel = self.get_variable("params", "kernel")
     x_MK = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: no per-slice reshapes
     if isinstance(kernel, tuple):
-      y = jnp.concatenate([x_MK @ k.astype(self.dtype) for k in kernel], axis=-1)
+      y = jnp.concatenate([_product(x_MK, k.astype(self.dtype)) for k in kernel], axis=-1)
     else:
-      y = _matmul(x_MK, kernel.astype(self.dtype))
+      y = _matmul(x_MK, kernel, jnp.dtype(self.dtype))
     y = y.reshape(*x.shape[:-1], self.features)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
 
 
+def _dot_general_in(dtype, x, w, dimension_numbers, precision=None):
+  """nn.Dense's product with both operands cast to `dtype`, accumulated in float32."""
+  return lax.dot_general(x.astype(dtype), w.astype(dtype), dimension_numbers,
+                         precision=precision, preferred_element_type=jnp.float32)
+
+
 def dense(features: int, name: str, dtype, use_bias: bool = True, tricks: bool = False):
-  """The model's linear layer: `Dense` with the tricks on, else plain `nn.Dense`."""
+  """The model's linear layer: `Dense` with the tricks on, else plain `nn.Dense`.
+
+  Either multiplies in `dtype`, accumulates in float32 and adds the bias in
+  float32: it returns float32, for the caller to round. nn.Dense computes in
+  float32 around a product that casts its operands (its own bf16 `dtype`
+  would round the bias); its parameters are nn.Dense's as ever.
+  """
   if tricks:
     return Dense(features, dtype, use_bias, name=name)
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=INIT, name=name)
+  return nn.Dense(features, use_bias=use_bias, dtype=jnp.float32, kernel_init=INIT, name=name,
+                  dot_general=functools.partial(_dot_general_in, dtype))
 
 
 # -- 2. Kernel slices for batch-1 decoding: faster on CPU, see docs/speed.md.

@@ -17,12 +17,23 @@ qkv_bias = False, tie_embeddings=True):
 - position="rope": no pos_embed; q and k turn by their window position
   (`rope`: rotate-half pairs (i, i + D/2), theta 10000).
 
+Precision (`dtype`), as under torch.autocast: params, the residual stream,
+LayerNorm, softmax, the logits and the loss are float32, and every product
+casts its inputs to cfg.dtype and accumulates in float32
+(preferred_element_type), the form XLA runs on AMX units and tensor cores.
+Linear layers add their bias in float32 and round once to cfg.dtype, the head
+excepted, so q/k/v, attention weights, MLP activations, their dropout and the
+KV cache are cfg.dtype. Backward products meet a float32 cotangent: only
+`cpu_tricks.Dense` casts it to cfg.dtype; elsewhere XLA upcasts the other
+operand. In float32 all this is the plain float32 model.
+
 One GPT trains and decodes: given `cache` (from `init_cache`) and `pos`, the
 same modules take a few new tokens at window positions [pos, pos + T), keep
 their keys and values in the cache, and return (logits, cache).
 
 Owns: ModelConfig, the modules, the loss, init. May import: `cpu_tricks`
-(behind `ModelConfig.cpu_tricks`), `settings`, JAX, Flax, optax.
+(behind `ModelConfig.cpu_tricks`), `precision` (dtype "auto"), `settings`, JAX,
+Flax, optax.
 """
 
 import contextlib
@@ -37,7 +48,7 @@ import optax
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from minigpt_jax import cpu_tricks, settings
+from minigpt_jax import cpu_tricks, precision, settings
 from minigpt_jax.settings import boolean, one_of, positive_int, rule, setting
 
 _INIT = cpu_tricks.INIT
@@ -59,9 +70,10 @@ class ModelConfig:
   n_layer: int = setting(4, "transformer blocks", check=positive_int, fits=True)
   dropout: float = setting(0.0, "rate on attention weights, projections, MLP out",
                            check=rule(lambda v: 0.0 <= v < 1.0, "use a rate in [0, 1)"))
-  dtype: str = setting("float32", "compute dtype of activations and matmuls; params, optimizer "
-                       "state, softmax and the loss stay float32 (bfloat16: for GPUs/TPUs)",
-                       check=one_of("float32", "bfloat16"))
+  dtype: str = setting("float32", 'compute dtype of products: "auto" (precision.py: bfloat16 '
+                       'where the hardware multiplies it natively) | "float32" | "bfloat16" | '
+                       '"float16" (loss-scaled); params, softmax and the loss stay float32',
+                       config="auto", read=precision.resolve, check=one_of(*precision.DTYPES))
   cpu_tricks: bool = setting(False, 'cpu_tricks.py\'s XLA:CPU speed-ups: "auto" (on for the CPU '
                              'backend) | "on" | "off" (plain Flax: forward-mode AD works)',
                              config="auto", read=cpu_tricks.enabled,
@@ -177,9 +189,9 @@ class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention with one fused q/k/v projection.
 
   Training and evaluation (`kv` None): the T tokens attend to each other. On
-  NVIDIA GPUs in bfloat16, attention without dropout is cuDNN's fused kernel
-  (`cudnn_causal_attention`); otherwise the explicit masked softmax, whose
-  weights dropout needs. Decoding (`kv` = this layer's (k_NSD, v_NSD) cache,
+  NVIDIA GPUs in bfloat16 or float16, attention without dropout is cuDNN's
+  fused kernel (`cudnn_causal_attention`); otherwise the explicit masked
+  softmax, whose weights dropout needs. Decoding (`kv` = this layer's (k_NSD, v_NSD) cache,
   N = batch * heads, S = block_size): the T new tokens at window positions
   [pos, pos + T) are written into the cache first, then query t attends to
   slots <= pos + t, so stale slots past the window's end are never seen.
@@ -207,23 +219,24 @@ class CausalSelfAttention(nn.Module):
       attention_dropout = not deterministic and cfg.dropout > 0.0
       y_BTHD = None if attention_dropout else cudnn_causal_attention(q_BTHD, k_BTHD, v_BTHD)
       if y_BTHD is None:
-        scores_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD) * D ** -0.5
+        scores_BHTT = _einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD, cfg) * D ** -0.5
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores_BHTT = jnp.where(causal_TT, scores_BHTT.astype(jnp.float32), -jnp.inf)
+        scores_BHTT = jnp.where(causal_TT, scores_BHTT, -jnp.inf)
         weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
         weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic)
-        y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD)
+        y_BTHD = _einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD, cfg)
       y_BTC = y_BTHD.reshape(B, T, C)
     else:
-      y_BTC, kv = _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg.dtype)
+      y_BTC, kv = _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg)
     y_BTC = _dense(C, "proj", cfg)(y_BTC)
     return Dropout(cfg.dropout)(y_BTC, deterministic), kv
 
 
-def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, dtype):
+def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg):
   """Attention of T new tokens over a cache they are written into first: (y_BTC, kv).
 
-  Each head is a row of the cache ([B, T, H, D] -> [B * H, T, D]).
+  Each head is a row of the cache ([B, T, H, D] -> [B * H, T, D]), kept in
+  cfg.dtype; y comes in float32, as the full window's.
   """
   B, T, H, D = q_BTHD.shape
   k_NSD, v_NSD = kv
@@ -232,11 +245,11 @@ def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, dtype):
                                  for a in (q_BTHD, k_BTHD, v_BTHD))
   k_NSD = lax.dynamic_update_slice_in_dim(k_NSD, k_new_NTD.astype(k_NSD.dtype), pos, 1)
   v_NSD = lax.dynamic_update_slice_in_dim(v_NSD, v_new_NTD.astype(v_NSD.dtype), pos, 1)
-  scores_NTS = jnp.einsum("nqd,nkd->nqk", q_NTD, k_NSD) * D ** -0.5
+  scores_NTS = _einsum("nqd,nkd->nqk", q_NTD, k_NSD, cfg) * D ** -0.5
   visible_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
-  scores_NTS = jnp.where(visible_TS, scores_NTS.astype(jnp.float32), -jnp.inf)
-  weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(dtype)
-  y_NTD = jnp.einsum("nqk,nkd->nqd", weights_NTS, v_NSD)
+  scores_NTS = jnp.where(visible_TS, scores_NTS, -jnp.inf)
+  weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(cfg.dtype)
+  y_NTD = _einsum("nqk,nkd->nqd", weights_NTS, v_NSD, cfg)
   return y_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, H * D), (k_NSD, v_NSD)
 
 
@@ -290,7 +303,6 @@ class GPT(nn.Module):
     if cfg.position == "learned":  # rope turns q and k in attention instead
       x_BTC = x_BTC + nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
                                name="pos_embed")(pos + jnp.arange(T))
-    x_BTC = x_BTC.astype(cfg.dtype)
     new_cache = []
     for i in range(cfg.n_layer):
       kv = None if cache is None else cache[i]
@@ -298,10 +310,9 @@ class GPT(nn.Module):
       new_cache.append(kv)
     x_BTC = _layer_norm("ln_f", cfg)(x_BTC)
     if cfg.tie_embeddings:  # nanoGPT's tied head: no params of its own, no bias
-      table_VC = tok_embed.embedding.astype(cfg.dtype)
-      logits_BTV = jnp.einsum("btc,vc->btv", x_BTC, table_VC).astype(jnp.float32)
+      logits_BTV = _einsum("btc,vc->btv", x_BTC, tok_embed.embedding, cfg)
     else:
-      logits_BTV = _dense(cfg.vocab_size, "lm_head", cfg)(x_BTC).astype(jnp.float32)
+      logits_BTV = _dense(cfg.vocab_size, "lm_head", cfg, out_dtype=jnp.float32)(x_BTC)
     return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 
 
@@ -329,14 +340,24 @@ def init_cache(cfg: ModelConfig, batch_size: int):
                for _ in range(cfg.n_layer))
 
 
-def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool | None = None) -> nn.Module:
-  """A Linear layer; with a bias iff `use_bias` (None: cfg.bias)."""
+def _einsum(spec: str, a, b, cfg: ModelConfig) -> jax.Array:
+  """An einsum of operands cast to cfg.dtype, accumulated and returned in float32."""
+  return jnp.einsum(spec, a.astype(cfg.dtype), b.astype(cfg.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool | None = None,
+           out_dtype=None):
+  """A Linear layer, with a bias iff `use_bias` (None: cfg.bias): float32 product and bias,
+  rounded once to `out_dtype` (None: cfg.dtype), as autocast's linear returns bf16."""
   use_bias = cfg.bias if use_bias is None else use_bias
-  return cpu_tricks.dense(features, name, cfg.dtype, use_bias, cfg.cpu_tricks)
+  layer = cpu_tricks.dense(features, name, cfg.dtype, use_bias, cfg.cpu_tricks)
+  return lambda x: layer(x).astype(out_dtype or cfg.dtype)
 
 
 def _layer_norm(name: str, cfg: ModelConfig) -> nn.Module:
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.dtype, use_bias=cfg.bias, name=name)
+  """float32 in and out, whatever cfg.dtype (autocast's layer_norm); the next product casts."""
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=jnp.float32, use_bias=cfg.bias, name=name)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from minigpt_jax import cpu_tricks
+from conftest import frost_ids_and_vocab
+from minigpt_jax import cpu_tricks, train
 from minigpt_jax.cpu_tricks import Dense, slice_kernels
 from minigpt_jax.model import (MLP, Dropout, ModelConfig, build_model, count_params,
                                cross_entropy, cudnn_causal_attention, init_cache, init_params,
@@ -227,6 +229,87 @@ def test_bfloat16_compute(name):
   for g in jax.tree_util.tree_leaves(grads):
     assert g.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def _dots(jaxpr):
+  """The dot_generals of a jaxpr, its sub-jaxprs' (pjit, custom_vjp, scan) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, ClosedJaxpr):
+          yield from _dots(sub.jaxpr)
+        elif isinstance(sub, Jaxpr):
+          yield from _dots(sub)
+
+
+@pytest.mark.parametrize("tricks", [False, True])
+def test_bfloat16_products_accumulate_in_float32(tricks):
+  """A bf16 train step's products, as torch.autocast's: bf16 x bf16 forward, every product
+  with a bf16 operand accumulating in float32, none all float32, float32 gradients. With the
+  tricks on, each Linear's two backward products take bf16 too (the cotangent cast)."""
+  cfg = _tiny("gpt", dtype="bfloat16", cpu_tricks=tricks, dropout=0.1)
+  model = build_model(cfg)
+  params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
+  idx_BT = jnp.zeros((2, cfg.block_size), jnp.int32)
+  loss = lambda p: cross_entropy(model.apply({"params": p}, idx_BT, deterministic=False,
+                                             rngs={"dropout": jax.random.key(1)}), idx_BT)
+  dots = list(_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+  operands = [tuple(v.aval.dtype for v in eqn.invars) for eqn in dots]
+  assert all(jnp.bfloat16 in dtypes for dtypes in operands), operands
+  assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in dots)
+  linears, attention = 4 * cfg.n_layer + 1, 2 * cfg.n_layer  # the head is a Linear
+  bf16_bf16 = operands.count((jnp.bfloat16, jnp.bfloat16))
+  assert bf16_bf16 == linears + attention + (2 * linears if tricks else 0)
+  grads = jax.eval_shape(jax.grad(loss), params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_tricks_on_and_off_agree():
+  """The same params give bf16 logits and gradients that agree with the switch on or off,
+  to bf16 rounding (the tricks round the Linear cotangents to bf16)."""
+  on, off = (_tiny("gpt", dtype="bfloat16", cpu_tricks=t) for t in (True, False))
+  _, params = _setup(off)
+  idx_BT = _tokens(jax.random.key(3), 2, off.block_size)
+  run = lambda cfg: jax.jit(jax.value_and_grad(
+      lambda p: cross_entropy(build_model(cfg).apply({"params": p}, idx_BT), idx_BT)))(params)
+  logits = [_apply(build_model(cfg), deterministic=True)(params, idx_BT) for cfg in (on, off)]
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-2 * float(jnp.abs(logits[1]).max()))
+  (loss_on, grads_on), (loss_off, grads_off) = run(on), run(off)
+  np.testing.assert_allclose(loss_on, loss_off, rtol=1e-3)
+  for a, b in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off), strict=True):
+    np.testing.assert_allclose(a, b, atol=3e-2 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("pieces", [0, 5])
+def test_bfloat16_decoder_matches_gpt_forward(pieces):
+  """In bf16 prefill plus cached steps give the whole window's logits to bf16 rounding, the
+  cache staying bf16, plain Flax (pieces=0) or with the tricks and sliced kernels."""
+  cfg = _tiny("gpt", dtype="bfloat16", cpu_tricks=bool(pieces))
+  model, params = _setup(cfg)
+  params = jax.tree.map(lambda p: 5 * p, params)  # logits far from uniform
+  idx_BT = _tokens(jax.random.key(7), 2, cfg.block_size)
+  want_BTV = np.asarray(_apply(model, deterministic=True)(params, idx_BT))
+  got_BTV = _decode_logits(cfg, slice_kernels(params, True, pieces) if pieces else params,
+                           idx_BT, prefill=3)
+  np.testing.assert_allclose(got_BTV, want_BTV, atol=2e-2 * np.abs(want_BTV).max())
+  _, cache = jax.eval_shape(lambda p: model.apply({"params": p}, idx_BT[:, :1],
+                                                  cache=init_cache(cfg, 2), pos=0), params)
+  assert {a.dtype for a in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bfloat16_training_lowers_the_loss(tiny_config):
+  """30 Adam steps of the tiny frost run in bf16 (one compiled call): finite, falling loss,
+  float32 params."""
+  tiny_config.model.dtype = "bfloat16"
+  ids, vocab_size = frost_ids_and_vocab()
+  state = train.create_train_state(tiny_config, vocab_size)
+  state, metrics = train.jit_train_steps(state, ids, batch_size=8, block_size=16, num_steps=30)
+  losses = np.asarray(metrics["loss"])
+  assert np.all(np.isfinite(losses))
+  assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses
+  assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_gpu_only_paths_are_off_on_cpu():
