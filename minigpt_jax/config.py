@@ -270,13 +270,16 @@ def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
     raise UserError(
         f"checkpoint in {where} has config.model.{first}={differ[first]!r}{more} but this "
         f"config has {config.model[first]!r}; pass {flags} or use a new --workdir")
-  field = optimizer.layout_change(saved_config["train"], config.train)
+  field = optimizer.layout_change(saved_config["train"], config.train,
+                                  saved_config["model"].get("dtype", defaults.model.dtype),
+                                  config.model.dtype)
   if field is not None:
-    saved = saved_config["train"].get(field, defaults.train[field])
+    section, name = field.split(".")
+    saved = saved_config[section].get(name, defaults[section][name])
     raise UserError(
-        f"checkpoint in {where} has config.train.{field}={saved!r} but this config has "
-        f"{config.train[field]!r}, which changes the optimizer state's layout; pass "
-        f"--config.train.{field}={saved!r} or use a new --workdir")
+        f"checkpoint in {where} has config.{field}={saved!r} but this config has "
+        f"{config[section][name]!r}, which changes the optimizer state's layout; pass "
+        f"--config.{field}={saved!r} or use a new --workdir")
   saved_tok, tok = tokenizer.from_json(saved_vocab), tokenizer.from_json(vocab)
   if saved_tok != tok:
     raise UserError(

@@ -29,7 +29,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from minigpt_jax import (batches, config as config_lib, cpu_tricks, evaluation, optimizer, parallel,
-                         tokens)
+                         precision, tokens)
 from minigpt_jax import tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import count_params
@@ -107,7 +107,8 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
       f"{config.model.name}, {count_params(state.params):,} params, vocab "
       f"{corpus.tokenizer.vocab_size}, corpus {corpus.name} ({len(corpus.train_ids):,} train "
       f"/ {len(corpus.val_ids):,} val tokens), {jax.default_backend()} x {mesh.devices.size} "
-      f"({processes} process{'es' if processes > 1 else ''})")
+      f"({processes} process{'es' if processes > 1 else ''}), dtype "
+      f"{state.model_cfg.dtype} ({precision.choose(config.model.dtype).reason})")
   bar = tqdm.tqdm(total=config.train.steps, initial=step, file=sys.stderr, unit="step",
                   disable=not (show_progress and is_main), dynamic_ncols=True, mininterval=0.5)
   return _Run(config, workdir, say, mesh, corpus, state, meta, mngr, writer, feed, evaluator,
@@ -155,7 +156,7 @@ class _Run:
     last = {k: np.asarray(v)[-1].item() for k, v in self.metrics.items()}  # no compile
     rate = self.clock.rate_since_mark(self.step)
     self.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-    skips = {"skipped_updates": last["skipped_updates"]} if "skipped_updates" in last else {}
+    skips = {k: last[k] for k in ("skipped_updates", "loss_scale") if k in last}
     self.writer.write(
         "train", self.step, loss=last["loss"], grad_norm=last["grad_norm"], **skips,
         **_rates(self.config.train, self.step - 1),
@@ -260,6 +261,8 @@ def _summary(run: _Run) -> dict:
       "num_params": count_params(run.state.params),
       "corpus": corpus.name,
       "backend": jax.default_backend(),
+      "dtype": precision.choose(run.config.model.dtype).dtype,  # "auto" resolved
+      "dtype_reason": precision.choose(run.config.model.dtype).reason,
       "devices": run.mesh.devices.size,
       "mesh": dict(run.mesh.shape),  # {"data": D, "fsdp": F}
       # params + optimizer state on the fullest device: about 1/fsdp of the whole

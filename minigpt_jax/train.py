@@ -36,7 +36,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from minigpt_jax import data, parallel
 from minigpt_jax.model import ModelConfig, build_model, cross_entropy, init_params, rows_from
-from minigpt_jax.optimizer import make_optimizer
+from minigpt_jax.optimizer import LossScaleState, loss_scale, make_optimizer
 
 # Streams derived from the root key; never reuse one for two purposes.
 _DATA, _DROPOUT, _EVAL, _INIT, _SAMPLE = range(5)
@@ -69,7 +69,7 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int,
                        mesh: Mesh | None = None) -> TrainState:
   """A fresh state from `config.seed`, laid out over `mesh` (`parallel.shardings`)."""
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
-  init = _jit_init(model_cfg, make_optimizer(config.train), mesh)
+  init = _jit_init(model_cfg, make_optimizer(config.train, model_cfg.dtype), mesh)
   return init(jax.random.PRNGKey(config.seed))
 
 
@@ -117,7 +117,8 @@ def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = No
   """One optimizer update on a batch of windows [B, T + 1]; dropout keyed by the step.
 
   Metrics: the loss and the global gradient norm (before clipping); with
-  skipped non-finite updates on, also the current run of skips and their total.
+  skipped non-finite updates on, also the current run of skips and their total;
+  in float16 these too, and the `loss_scale` the loss was multiplied by.
 
   With a mesh of several devices, each device computes the loss and
   gradients of its rows of the batch (shard_map) from the whole params,
@@ -132,11 +133,13 @@ def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = No
   dropout_key = jax.random.fold_in(_stream(state.rng, _DROPOUT), state.step)
   sharded = mesh is not None and mesh.devices.size > 1
   specs = parallel.specs(state.params, mesh)
+  scale = loss_scale(state.opt_state)  # float16's, so small gradients survive; else None
 
   def loss_fn(params, windows_bT1):
     logits_bTV = state.apply(params, windows_bT1[:, :-1], deterministic=False,
                              dropout_key=dropout_key)
-    return cross_entropy(logits_bTV, windows_bT1[:, 1:])
+    loss = cross_entropy(logits_bTV, windows_bT1[:, 1:])
+    return loss if scale is None else loss * scale
 
   def loss_and_grads(params, windows_bT1):
     if not sharded:
@@ -154,7 +157,9 @@ def train_step(state: TrainState, windows_BT1: jax.Array, mesh: Mesh | None = No
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-  if isinstance(opt_state, optax.ApplyIfFiniteState):
+  if scale is not None:  # the optimizer divided the gradients by it; the metrics do too
+    metrics = {k: v / scale for k, v in metrics.items()} | {"loss_scale": scale}
+  if isinstance(opt_state, (optax.ApplyIfFiniteState, LossScaleState)):
     metrics.update(nonfinite_streak=opt_state.notfinite_count,
                    skipped_updates=opt_state.total_notfinite)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -91,6 +91,12 @@ def test_the_lecture_configs_keep_the_lecture_recipe(name):
          position="learned")
 
 
+def test_only_frost_cpu_pins_its_dtype():
+  """Its PyTorch reference figures are float32; the others' parity holds in bfloat16 too."""
+  for path in CONFIG_FILES:
+    assert _load(path.stem).model.dtype == ("float32" if path.stem == "frost_cpu" else "auto")
+
+
 def test_shakespeare_char_nanogpt_is_nanogpts_recipe():
   """nanoGPT's config/train_shakespeare_char.py and its train.py defaults."""
   config = _load("shakespeare_char_nanogpt")
@@ -125,7 +131,7 @@ def _invalid(**changes):
     ({"model__n_heads": 0}, ["model.n_heads"]),
     ({"data__corpus": "nope"}, ["data.corpus", "'nope'", "frost"]),
     ({"model__name": "lstm"}, ["model.name", "'lstm'", "bigram", "gpt"]),
-    ({"model__dtype": "float16"}, ["model.dtype", "'float16'", "bfloat16"]),
+    ({"model__dtype": "float64"}, ["model.dtype", "'float64'", "auto", "bfloat16", "float16"]),
     ({"model__dropout": 1.0}, ["model.dropout"]),
     ({"model__dropout": -0.1}, ["model.dropout"]),
     ({"train__learning_rate": 0.0}, ["train.learning_rate"]),

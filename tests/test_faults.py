@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import soak
-from conftest import config_from_flags, tiny
+from conftest import config_from_flags, frost_ids_and_vocab, tiny
 from configs import frost_cpu
 from minigpt_jax import loop, train
 from minigpt_jax.support import checkpoint, guards, restore, workdir_lock
@@ -150,6 +150,53 @@ def test_skipping_stops_after_the_limit_of_updates_in_a_row(tmp_path):
 def test_turning_skipping_on_for_a_run_without_it_names_the_field(run):
   with pytest.raises(UserError, match="skip_nonfinite_updates=0 or use a new --workdir"):
     _train(_config(skip_nonfinite_updates=2, steps=60), run)
+
+
+def test_float16_survives_an_injected_overflow_and_trains_on(tiny_config, tmp_path):
+  """The overflowing step alone is skipped (its step still counts, as GradScaler's) and
+  halves the scale; the guard lets it pass, and the scale and counters round-trip a save."""
+  tiny_config.model.dtype = "float16"
+  ids, vocab_size = frost_ids_and_vocab()
+  step = jax.jit(lambda s: train.train_step(s, train.draw_batch(s, ids, 8, 16)))
+  state = train.create_train_state(tiny_config, vocab_size)
+  assert float(state.opt_state.scale) == 2.0**16
+  # At 2**40 the logits' cotangent, about 2**40 / (B * T), is past float16's 65504.
+  before = state.replace(opt_state=state.opt_state._replace(scale=np.float32(2.0**40)))
+  after, metrics = step(before)
+  assert np.isfinite(metrics["loss"]) and not np.isfinite(metrics["grad_norm"])
+  assert int(after.step) == 1 and float(after.opt_state.scale) == 2.0**39
+  assert (int(metrics["skipped_updates"]), float(metrics["loss_scale"])) == (1, 2.0**40)
+  assert _bit_identical(jax.tree_util.tree_leaves((after.params, after.opt_state.inner_state)),
+                        jax.tree_util.tree_leaves((before.params, before.opt_state.inner_state)))
+  # Overflows halve the scale until it fits float16; then the loss falls.
+  history = []
+  for _ in range(40):
+    after, metrics = step(after)
+    history.append(metrics)
+  metrics_K = jax.tree.map(lambda *m: np.stack(m), *history)
+  skips = int(metrics_K["skipped_updates"][-1]) - 1
+  assert 0 < skips < 30 and list(metrics_K["nonfinite_streak"][skips:]) == [0] * (40 - skips)
+  assert float(after.opt_state.scale) == 2.0 ** (39 - skips)
+  assert metrics_K["loss"][-5:].mean() < metrics_K["loss"][skips:skips + 5].mean() - 0.1
+  guard = guards.DivergenceGuard(tiny_config.train.skip_nonfinite_updates)
+  guard.add(1, metrics_K)
+  assert guard.check() is None
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, after, tiny_config.to_dict(), {"chars": "ab"}, {"val_loss": 1.0})
+  restored = checkpoint.restore_state(mngr, 41, train.create_train_state(tiny_config, vocab_size))
+  assert _bit_identical(jax.tree_util.tree_leaves(restored.opt_state),
+                        jax.tree_util.tree_leaves(after.opt_state))
+
+
+def test_float16_stops_a_real_divergence_at_the_lowest_loss_scale(tmp_path):
+  """Not finite at a loss scale of 1, the model itself diverged: 16 halvings from 2**16."""
+  config = _config(learning_rate=1e9, eval_at_start=False)
+  config.model.dtype = "float16"
+  with pytest.raises(UserError) as e:
+    _train(config, tmp_path)
+  message = _one_line(e)
+  assert message.startswith("training diverged: loss nan")
+  assert "at float16's lowest loss scale (1) after 16 overflows in a row" in message
 
 
 def test_metrics_are_strict_json(tmp_path):

@@ -205,3 +205,60 @@ def test_equal_settings_give_the_same_optimizer_object():
   cosine = optimizer.make_optimizer(train(schedule="cosine"))
   assert cosine is optimizer.make_optimizer(train(schedule="cosine").to_dict())
   assert cosine is not optimizer.make_optimizer(train(schedule="cosine", steps=7))
+
+
+def test_the_loss_scale_unscales_skips_an_overflow_halves_and_grows(tiny_config):
+  """float16's GradScaler: an overflow skips exactly its update; the others are plain AdamW's."""
+  params = _params()
+  tiny_config.train.loss_scale_growth_interval = 3
+  tx = optimizer.make_optimizer(tiny_config.train, "float16")
+  plain = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+  state, plain_state, plain_params = tx.init(params), plain.init(params), params
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  scales = []
+  for overflow in (False, True, False, False, False, False):
+    scale = optimizer.loss_scale(state)
+    scales.append(float(scale))
+    scaled = jax.tree.map(lambda g: g * scale, grads)
+    if overflow:  # one leaf overflowed float16 in the backward pass
+      scaled["lm_head"]["bias"] = scaled["lm_head"]["bias"].at[0].set(jnp.inf)
+    updates, new_state = tx.update(scaled, state, params)
+    params = optax.apply_updates(params, updates)
+    if overflow:
+      assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.inner_state),
+                                                      jax.tree.leaves(state.inner_state)))
+      assert not any(np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+    else:  # bit for bit AdamW on the unscaled gradients: the scale is a power of two
+      plain_updates, plain_state = plain.update(grads, plain_state, plain_params)
+      plain_params = optax.apply_updates(plain_params, plain_updates)
+      assert jax.tree.all(jax.tree.map(np.array_equal, params, plain_params))
+    state = new_state
+  assert scales == [2.0**16, 2.0**16, 2.0**15, 2.0**15, 2.0**15, 2.0**16]  # x2 after 3 finite
+  assert (int(state.notfinite_count), int(state.total_notfinite), int(state.good_steps)) == (
+      0, 1, 1)
+  for _ in range(20):  # a model that is not finite: the scale halves down to its floor, 1
+    state = tx.update(jax.tree.map(lambda g: g * np.nan, grads), state, params)[1]
+  assert float(state.scale) == optimizer.MIN_LOSS_SCALE and int(state.notfinite_count) == 20
+  # The scale is float16's only: other dtypes keep their optimizer (and its compilations).
+  t = tiny_config.train
+  assert optimizer.make_optimizer(t) is optimizer.make_optimizer(t, "bfloat16")
+  assert optimizer.loss_scale(optimizer.make_optimizer(t).init(params)) is None
+  assert tx is optimizer.make_optimizer(t.to_dict() | {"skip_nonfinite_updates": 2}, "float16")
+
+
+def test_a_resume_across_float16_names_model_dtype(tiny_config):
+  """float16 adds the loss scale to the optimizer state: a checkpoint resumes only in kind."""
+  vocab = {"chars": "ab"}
+  saved = json.loads(json.dumps(tiny_config.to_dict()))
+  config = tiny(config_lib.get_config())
+  config.model.dtype = "float16"
+  with pytest.raises(UserError, match=r"config.model.dtype='float32' but this config has "
+                                      r"'float16', which changes the optimizer state's layout; "
+                                      r"pass --config.model.dtype='float32' or use a new"):
+    config_lib.check_fits(saved, vocab, config, vocab, "W")
+  saved["model"]["dtype"] = "float16"
+  config.train.update(skip_nonfinite_updates=3, loss_scale_growth_interval=10)  # same layout
+  config_lib.check_fits(saved, vocab, config, vocab, "W")
+  config.model.dtype = "bfloat16"
+  with pytest.raises(UserError, match="pass --config.model.dtype='float16'"):
+    config_lib.check_fits(saved, vocab, config, vocab, "W")

@@ -3,7 +3,7 @@
 Owns: `Interrupt` (signals to a flag the loop checks between calls),
 `DivergenceGuard` (every step's loss and gradient norm read before anything
 is logged or saved), `Stopwatch` (training speed, compilation and pauses
-excluded). May import: JAX, numpy.
+excluded). May import: JAX, numpy, optimizer.
 """
 
 import contextlib
@@ -13,6 +13,8 @@ import time
 
 import jax
 import numpy as np
+
+from minigpt_jax.optimizer import MIN_LOSS_SCALE
 
 
 class Interrupt:
@@ -48,7 +50,8 @@ class DivergenceGuard:
   Calls queue their metrics without waiting for them; `check` reads the queue
   (one device sync, at log and save points only) and returns what went wrong
   at the first step whose loss or gradient norm is not finite and whose
-  update was not skipped, or None.
+  update was not skipped, or None. float16 (a `loss_scale` metric) skips every
+  overflow: one at the floor scale, MIN_LOSS_SCALE, is the model's and stops the run.
   """
 
   def __init__(self, skip_limit: int):
@@ -66,14 +69,20 @@ class DivergenceGuard:
       if finite_K.all():
         continue
       streak_K = host.get("nonfinite_streak", np.zeros_like(finite_K, np.int32))
-      bad_K = ~finite_K & ~((streak_K > 0) & (streak_K <= self.skip_limit))
+      if "loss_scale" in host:
+        bad_K = ~finite_K & (host["loss_scale"] <= MIN_LOSS_SCALE)
+      else:
+        bad_K = ~finite_K & ~((streak_K > 0) & (streak_K <= self.skip_limit))
       if not bad_K.any():
         continue
       i = int(np.argmax(bad_K))
       first, last = pending[0][0] + 1, pending[-1][0] + len(pending[-1][1]["loss"])
       problem = (f"loss {host['loss'][i]} and gradient norm {host['grad_norm'][i]} at step "
                  f"{start + i + 1} (the first of steps {first}-{last} not finite)")
-      if self.skip_limit and streak_K[i] > self.skip_limit:
+      if "loss_scale" in host:
+        problem += (f", at float16's lowest loss scale ({MIN_LOSS_SCALE:g}) after "
+                    f"{streak_K[i] - 1} overflows in a row")
+      elif self.skip_limit and streak_K[i] > self.skip_limit:
         problem += (f", after {self.skip_limit} skipped updates in a row, the limit of "
                     "config.train.skip_nonfinite_updates")
       return problem
