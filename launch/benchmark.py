@@ -2,6 +2,7 @@
 
   python launch/benchmark.py --config=configs/frost_cpu.py [--steps=100] [--sample_tokens=500]
   python launch/benchmark.py --config=configs/frost_cpu.py --compare-torch --repeats=3
+  python launch/benchmark.py --suite=gpu
 
 Fields: config, backend, device_kind, params, compile_s (lower + compile of the
 train step), steps_per_s and tokens_per_s (steady state, in calls of
@@ -9,8 +10,9 @@ config.train.steps_per_dispatch steps), flops_per_token (6N + 12LTC, see
 minigpt_jax/tools/benchmark.py), achieved_flops, mfu (null on CPU or an unknown
 GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
 (from a 1-token prompt, compile excluded), peak_memory_bytes and
-peak_memory_source ("device" or "host_rss"), and extras (devices, vocab_size,
-dtype, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
+peak_memory_source ("device" or "host_rss"), dtype (the compute dtype, "auto"
+resolved by minigpt_jax/precision.py) and dtype_reason, and extras (devices,
+vocab_size, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
 repeats, huge_pages: whether malloc had transparent huge pages, see
 minigpt_jax/support/hugepages.py, and compile_cache: whether compile_s was a load
 from the persistent compilation cache's folder, off here unless
@@ -21,12 +23,19 @@ torch_version (null without torch).
 
 --compare-torch then runs ../shared/bench/torch_ref.py with the config's preset
 (or --torch_preset) on the same corpus, steps and sample length, and adds to
-the same line torch_preset, torch_impl, torch_threads, torch_params,
-torch_steps_per_s, torch_tokens_per_s, torch_naive_sample_tok_per_s and the
+the same line torch_preset, torch_mode ("float32", or "autocast bfloat16":
+torch_ref's --bf16 when our dtype is bfloat16, so the pair is like for like;
+it has no float16 mode, so float16 is refused), torch_impl, torch_threads,
+torch_params, torch_steps_per_s, torch_tokens_per_s, torch_naive_sample_tok_per_s and the
 ratios train_speedup, sample_kv_speedup_vs_torch_naive and
 sample_naive_speedup_vs_torch_naive. --repeats=N measures ours then torch N
 times: speeds and ratios are medians, each ratio's values in <ratio>_runs.
 A readable summary goes to stderr.
+
+--suite=gpu (no --config) times frost_t4 and shakespeare_char in float32 and
+bfloat16, at fsdp 1 and, with 2 or more GPUs, fsdp 2: one JSON line per row
+(minigpt_jax/tools/gpu_suite.py names the fields), --steps timed steps each
+(500 unless given). It needs a GPU.
 """
 
 import json
@@ -40,9 +49,9 @@ _preamble.start(__name__)  # before JAX loads: the process may restart
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import parallel  # noqa: E402
+from minigpt_jax import parallel, precision  # noqa: E402
 from minigpt_jax.support import cli  # noqa: E402
-from minigpt_jax.tools import benchmark  # noqa: E402
+from minigpt_jax.tools import benchmark, gpu_suite  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"
@@ -57,7 +66,11 @@ _TORCH_PRESET = flags.DEFINE_string("torch_preset", None,
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Measurements (ours, then torch) to take medians of.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Split the CPU into N devices, data-parallel, as train.py does.")
-flags.mark_flag_as_required("config")
+_SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "Instead of --config: the GPU configs' "
+                           "training speed, one JSON line per config, dtype and fsdp.")
+flags.register_multi_flags_validator(
+    ["config", "suite"], lambda given: given["config"] is not None or given["suite"] is not None,
+    "pass --config=configs/NAME.py, or --suite=gpu on a GPU machine")
 
 
 def _rounded(value):
@@ -71,6 +84,16 @@ def _rounded(value):
   return value
 
 
+def _gpu_suite():
+  if flags.FLAGS["config"].present or _COMPARE.value:
+    raise UserError("--suite=gpu runs its own configs (frost_t4, shakespeare_char) and no "
+                    "torch; drop --config and --compare-torch")
+  steps = _STEPS.value if flags.FLAGS["steps"].present else gpu_suite.STEPS
+  for row in gpu_suite.run(steps):
+    print(json.dumps(_rounded(row)), flush=True)
+    print(gpu_suite.summary(row), file=sys.stderr)
+
+
 def main():
   if _CPU_DEVICES.value is not None:
     parallel.set_cpu_devices(_CPU_DEVICES.value)
@@ -78,12 +101,16 @@ def main():
                       ("repeats", _REPEATS.value)):
     if value < 1:
       raise UserError(f"--{name} is {value}; use a positive integer")
+  if _SUITE.value == "gpu":
+    return _gpu_suite()
   config = _CONFIG.value
   name = Path(flags.FLAGS["config"].config_filename.split(":", 1)[0]).stem
   if _COMPARE.value:
     preset = benchmark.torch_preset(name, _TORCH_PRESET.value)
     benchmark.check_torch(TORCH_REF)
-    text_path = benchmark.corpus_path(config)
+    torch_ref, torch_mode = benchmark.torch_command(
+        TORCH_REF, preset, benchmark.corpus_path(config), _STEPS.value, _SAMPLE_TOKENS.value,
+        precision.resolve(config.model.dtype))  # like for like: bfloat16 runs torch's --bf16
   elif _TORCH_PRESET.value is not None:
     benchmark.torch_preset(name, _TORCH_PRESET.value)  # still reject a bad name
 
@@ -92,11 +119,10 @@ def main():
     ours = benchmark.measure(config, _STEPS.value, _SAMPLE_TOKENS.value)
     runs.append(ours)
     if _COMPARE.value:
-      pairs.append((ours, benchmark.run_torch_ref(TORCH_REF, preset, text_path, _STEPS.value,
-                                                  _SAMPLE_TOKENS.value)))
+      pairs.append((ours, benchmark.run_torch_ref(torch_ref)))
   result = {"config": name, **benchmark.median_of(runs), "repeats": _REPEATS.value}
   if _COMPARE.value:
-    result["torch_preset"] = preset
+    result.update(torch_preset=preset, torch_mode=torch_mode)
     result.update(benchmark.compare(pairs))
     if result["torch_params"] != result["params"]:
       print(f"warning: torch_ref preset {preset!r} has {result['torch_params']:,} params, "

@@ -89,3 +89,6 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "multiprocess: starts several JAX processes on 127.0.0.1 (CI runs it; "
       "skip locally with -m 'not multiprocess')")
+  config.addinivalue_line(
+      "markers", "gpu: needs a GPU and skips elsewhere, saying so; run the tier with "
+      "`python -m pytest -q -m gpu tests` (docs/scale.md)")

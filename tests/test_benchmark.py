@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, needs_torch_ref
+from minigpt_jax import precision
+from minigpt_jax.errors import UserError
 from minigpt_jax.support import hugepages
 from minigpt_jax.tools import benchmark
 from minigpt_jax.model import ModelConfig
@@ -18,6 +20,7 @@ SHRINK = ["--config.model.n_layer=1", "--config.model.n_embed=32", "--config.mod
           "--config.train.batch_size=4", "--steps=3", "--sample_tokens=8"]
 TINY = ["--config=configs/frost_cpu.py", *SHRINK]
 FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size", "dtype",
+          "dtype_reason",
           "batch_size", "block_size", "steps", "steps_per_dispatch", "sample_tokens",
           "compile_s", "steps_per_s", "tokens_per_s", "flops_per_token", "achieved_flops", "mfu",
           "sample_naive_tok_per_s", "sample_kv_tok_per_s", "sample_kv_batch16_tok_per_s",
@@ -26,7 +29,7 @@ FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size",
           "torch_version"}
 RATIOS = ("train_speedup", "sample_kv_speedup_vs_torch_naive",
           "sample_naive_speedup_vs_torch_naive")
-TORCH_FIELDS = {"torch_preset", "torch_impl", "torch_threads", "torch_params",
+TORCH_FIELDS = {"torch_preset", "torch_mode", "torch_impl", "torch_threads", "torch_params",
                 "torch_steps_per_s", "torch_tokens_per_s", "torch_naive_sample_tok_per_s",
                 *RATIOS, *(f"{r}_runs" for r in RATIOS)}
 
@@ -44,8 +47,9 @@ def _json_line(result) -> dict:
 
 
 def test_cli_prints_one_json_line_with_the_documented_fields():
-  out = _json_line(_cli(*TINY, "--config.train.steps_per_dispatch=2"))
+  out = _json_line(_cli(*TINY, "--config.train.steps_per_dispatch=2", "--config.model.dtype=auto"))
   assert set(out) == FIELDS
+  assert (out["dtype"], out["dtype_reason"]) == precision.choose("auto")  # as this process'
   assert out["config"] == "frost_cpu" and out["backend"] == "cpu"
   assert out["steps"] == 4  # 3 steps asked, run in calls of 2
   assert out["steps_per_dispatch"] == 2 and out["repeats"] == 1
@@ -127,6 +131,19 @@ def test_compare_takes_ratios_within_each_pair_then_medians():
                              fields=("mfu",)) == {"a": 1, "mfu": None}
 
 
+def test_torch_runs_in_our_dtype_or_not_at_all():
+  """Like for like: torch_ref.py's autocast bfloat16 for ours; it has no float16 mode."""
+  args = (Path("torch_ref.py"), "frost_cpu", Path("frost.txt"), 3, 8)
+  command, mode = benchmark.torch_command(*args, "float32")
+  assert mode == "float32" and "--bf16" not in command
+  assert command[1:] == ["torch_ref.py", "--preset", "frost_cpu", "--text", "frost.txt",
+                         "--steps", "3", "--sample_tokens", "8"]
+  command, mode = benchmark.torch_command(*args, "bfloat16")
+  assert mode == "autocast bfloat16" and command[-1] == "--bf16"
+  with pytest.raises(UserError, match="no float16 mode"):
+    benchmark.torch_command(*args, "float16")
+
+
 @pytest.mark.parametrize("args, expected", [
     ([*TINY, "--compare-torch", "--torch_preset=nope"], "frost_cpu, frost_t4, frost_t4_nodrop"),
     ([*TINY, "--torch_preset=nope"], "is not a torch_ref.py preset"),
@@ -149,6 +166,7 @@ def test_compare_torch_adds_torch_figures_and_median_ratios():
   out = _json_line(_cli(*TINY, "--compare-torch", "--torch_preset=frost_cpu", "--repeats=2"))
   assert set(out) == FIELDS | TORCH_FIELDS
   assert out["torch_preset"] == "frost_cpu" and out["repeats"] == 2
+  assert out["dtype"] == "float32" and out["torch_mode"] == "float32"
   for ratio in RATIOS:
     assert out[ratio] > 0 and len(out[f"{ratio}_runs"]) == 2
   assert out["train_speedup"] == pytest.approx(

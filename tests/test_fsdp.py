@@ -104,5 +104,33 @@ def test_two_processes_with_fsdp_match_one_device_and_resume_on_one(runs, tmp_pa
   _assert_same_losses(_losses(tmp_path / "two_then_one"), _losses(runs / "one"))
 
 
+def _gpus() -> int:
+  import jax
+  return jax.device_count() if jax.default_backend() == "gpu" else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 or more GPUs (the fsdp tests on real devices)")
+def test_fsdp_on_gpus_matches_one_gpu_and_moves_between_meshes(tmp_path):
+  """On real GPUs, in float32 products (no TF32): fsdp over 2 GPUs and data x fsdp over all
+  of them match one GPU, and checkpoints move from 1 GPU to fsdp 2 and back."""
+  import jax
+  with jax.default_matmul_precision("float32"):
+    _train(tmp_path / "one", 10)
+    shutil.copytree(tmp_path / "one", tmp_path / "one_then_fsdp2")
+    _train(tmp_path / "one", 20)
+    _train(tmp_path / "one_then_fsdp2", 20, 1, 2)
+    _train(tmp_path / "fsdp2", 10, 1, 2)
+    shutil.copytree(tmp_path / "fsdp2", tmp_path / "fsdp2_then_one")
+    _train(tmp_path / "fsdp2", 20, 1, 2)
+    _train(tmp_path / "fsdp2_then_one", 20)
+    meshes = ["one_then_fsdp2", "fsdp2", "fsdp2_then_one"]
+    if jax.device_count() in (4, 8):  # data x fsdp over all of them; the batch of 8 divides
+      _train(tmp_path / "all", 20, -1, 2)
+      meshes.append("all")
+  for name in meshes:
+    _assert_same_losses(_losses(tmp_path / name), _losses(tmp_path / "one"))
+
+
 if __name__ == "__main__":
   _runs(Path(sys.argv[1]))

@@ -9,11 +9,13 @@ compilation and a warm-up call come first, and each timed stretch ends with
 versions), so ratios from different machines can be told apart.
 
 `run_torch_ref` runs the PyTorch reference (shared/bench/torch_ref.py) in a
-subprocess on the same corpus, so `compare` can put the two side by side.
+subprocess on the same corpus, under autocast bfloat16 when ours is bfloat16
+(`torch_command`), so `compare` can put the two side by side, like for like.
 
 Owns: timing of training and decoding, FLOP counts, the machine's description,
 the torch_ref comparison.
-May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, support.hugepages.
+May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, precision,
+support.hugepages.
 """
 
 import importlib.metadata
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from minigpt_jax import cpu_tricks, data, loop, parallel, sampling, tokens, train
+from minigpt_jax import cpu_tricks, data, loop, parallel, precision, sampling, tokens, train
 from minigpt_jax.support import hugepages
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
@@ -223,6 +225,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       "params": count_params(state.params),
       "vocab_size": trained["vocab_size"],
       "dtype": dtype,
+      "dtype_reason": precision.choose(config.model.dtype).reason,
       "batch_size": config.train.batch_size,
       "block_size": config.model.block_size,
       "steps": trained["steps"],
@@ -290,15 +293,28 @@ def check_torch(script: Path) -> None:
                     "pip install -r tests/requirements.txt")
 
 
-def run_torch_ref(script: Path, preset: str, text_path: Path, steps: int,
-                  sample_tokens: int) -> dict:
-  """torch_ref.py's JSON line for `preset` on `text_path`, run with this Python."""
-  command = [sys.executable, str(script), "--preset", preset, "--text", str(text_path),
-             "--steps", str(steps), "--sample_tokens", str(sample_tokens)]
+# torch_ref.py's mode, and its flags, for each of our dtypes: like for like.
+TORCH_MODES = {"float32": ("float32", []), "bfloat16": ("autocast bfloat16", ["--bf16"])}
+
+
+def torch_command(script: Path, preset: str, text_path: Path, steps: int, sample_tokens: int,
+                  dtype: str) -> tuple[list[str], str]:
+  """(command, mode): torch_ref.py for `preset` on `text_path`, in the mode of our `dtype`."""
+  if dtype not in TORCH_MODES:
+    raise UserError(f"--compare-torch: torch_ref.py has no {dtype} mode to compare with ours; "
+                    "pass --config.model.dtype=float32 or bfloat16, or drop --compare-torch")
+  mode, mode_flags = TORCH_MODES[dtype]
+  return [sys.executable, str(script), "--preset", preset, "--text", str(text_path),
+          "--steps", str(steps), "--sample_tokens", str(sample_tokens), *mode_flags], mode
+
+
+def run_torch_ref(command: list[str]) -> dict:
+  """The JSON line of a `torch_command`, run with this Python."""
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode != 0:
     last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise UserError(f"{script.name} --preset {preset} failed (exit {result.returncode}): {last}")
+    raise UserError(f"{Path(command[1]).name} {' '.join(command[2:4])} failed "
+                    f"(exit {result.returncode}): {last}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -335,7 +351,8 @@ def compare(pairs: list[tuple[dict, dict]]) -> dict:
 
 def summary_line(result: dict) -> str:
   """A one-line human-readable digest of `result` (launch/benchmark.py's JSON)."""
-  line = (f"{result['config']} on {result['backend']} ({result['device_kind']}): "
+  line = (f"{result['config']} in {result['dtype']} on {result['backend']} "
+          f"({result['device_kind']}): "
           f"{result['steps_per_s']:.1f} steps/s ({result['tokens_per_s']:,.0f} tok/s), "
           f"compile {result['compile_s']:.1f} s; sampling tok/s: "
           f"naive {result['sample_naive_tok_per_s']:,.0f}, "
