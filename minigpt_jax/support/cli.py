@@ -66,6 +66,8 @@ def _check_config_files() -> None:
   """ml_collections defers a bad --config file's error; surface it here, in one line."""
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
+    if not flag.present:  # an optional config flag left out (benchmark.py --suite=gpu)
+      continue
     filename = getattr(flag, "config_filename", None)
     if filename is None:
       continue
