@@ -172,7 +172,7 @@ class _Run:
       bad = [f"{k} loss {v}" for k, v in sorted(losses.items()) if not math.isfinite(v)]
       if bad:
         raise _diverged(f"{' and '.join(bad)} at the evaluation of step {self.step}",
-                        self.mngr, self.best)
+                        self.mngr, self.best, self.config)
       if self.best[0] is None or losses["val"] < self.best[0]:
         self.best = (losses["val"], self.step)
       self.meta = {"step": self.step, "train_loss": losses["train"],
@@ -202,7 +202,7 @@ class _Run:
   def _check_finite(self) -> None:
     problem = self.guard.check()
     if problem is not None:
-      raise _diverged(problem, self.mngr, self.best)
+      raise _diverged(problem, self.mngr, self.best, self.config)
 
 
 def _tokens_per_step(config) -> int:
@@ -224,7 +224,8 @@ def _bpc(corpus: tokens.Corpus, loss: float | None, split: str = "val") -> float
   return bits_per_char(loss, ratio)
 
 
-def _diverged(problem: str, mngr, best) -> UserError:
+def _diverged(problem: str, mngr, best, config) -> UserError:
+  """The stop's one line; in float16 the loss scale already skips overflows, so no skip hint."""
   latest = mngr.latest_step()
   if latest is None:
     good = "no checkpoint was saved yet"
@@ -232,11 +233,13 @@ def _diverged(problem: str, mngr, best) -> UserError:
     good = f"the last good checkpoint is step {latest}"
     if best[1] is not None:
       good += f" (best: step {best[1]}, val loss {best[0]:.4f})"
-  return UserError(
-      f"training diverged: {problem}; stopped without saving past it: {good}, in "
-      f"{mngr.directory}; rerun to resume from it with a lower "
-      "--config.train.learning_rate, or skip such updates with "
-      "--config.train.skip_nonfinite_updates=N")
+  fix = "rerun to resume from it with a lower --config.train.learning_rate"
+  if optimizer.is_float16(config.model.dtype):
+    fix += ", or in --config.model.dtype=float32 (or bfloat16, which has float32's range)"
+  else:
+    fix += ", or skip such updates with --config.train.skip_nonfinite_updates=N"
+  return UserError(f"training diverged: {problem}; stopped without saving past it: {good}, "
+                   f"in {mngr.directory}; {fix}")
 
 
 def _summary(run: _Run) -> dict:

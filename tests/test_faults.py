@@ -197,6 +197,7 @@ def test_float16_stops_a_real_divergence_at_the_lowest_loss_scale(tmp_path):
   message = _one_line(e)
   assert message.startswith("training diverged: loss nan")
   assert "at float16's lowest loss scale (1) after 16 overflows in a row" in message
+  assert "--config.model.dtype=float32" in message and "skip_nonfinite_updates" not in message
 
 
 def test_metrics_are_strict_json(tmp_path):

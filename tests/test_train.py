@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import frost_ids_and_vocab
-from minigpt_jax import loop, train
+from minigpt_jax import loop, precision, train
 from minigpt_jax.support import checkpoint, guards, restore
 
 
@@ -57,6 +57,10 @@ def test_summary_has_the_documented_fields(tiny_config, tmp_path):
     assert written[field] is not None, field
   assert written["step"] == tiny_config.train.steps == summary["step"]
   assert written["best_val_loss"] <= written["val_loss"]
+  assert written["dtype"] == precision.choose(tiny_config.model.dtype).dtype
+  assert written["dtype_reason"] == precision.choose(tiny_config.model.dtype).reason
+  assert written["mesh"] == {"data": 1, "fsdp": 1}
+  assert written["state_bytes_per_device"] > 3 * 4 * summary["num_params"]  # params, mu, nu
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_embed"] == 32
   assert "chars" in json.loads((tmp_path / "vocab.json").read_text())
 

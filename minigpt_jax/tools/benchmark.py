@@ -236,7 +236,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       "tokens_per_s": trained["tokens_per_s"],
       "flops_per_token": fpt,
       "achieved_flops": achieved,
-      "mfu": None if peak is None else achieved / peak,
+      # tokens_per_s counts every device's tokens, so the peak is every device's too
+      "mfu": None if peak is None else achieved / (peak * jax.device_count()),
       **speeds,
       "peak_memory_bytes": memory,
       "peak_memory_source": memory_source,
