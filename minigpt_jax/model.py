@@ -21,6 +21,10 @@ Precision (`dtype`), as under torch.autocast: params, the residual stream,
 LayerNorm, softmax, the logits and the loss are float32, and every product
 casts its inputs to cfg.dtype and accumulates in float32
 (preferred_element_type), the form XLA runs on AMX units and tensor cores.
+Why float32 there: bfloat16 keeps 8 bits of mantissa, so a residual sum
+would drop each block's small update, and LayerNorm's variance, softmax's
+exp-sum and the loss's log-sum-exp are long reductions that lose the digits
+their results depend on; they cost little next to the products.
 Linear layers add their bias in float32 and round once to cfg.dtype, the head
 excepted, so q/k/v, attention weights, MLP activations, their dropout and the
 KV cache are cfg.dtype. Backward products meet a float32 cotangent: only
