@@ -138,9 +138,8 @@ def test_kv_decode_matches_naive_on_the_gpu(P, temperature, top_k):
   np.testing.assert_array_equal(kv_BN, naive_BN)
 
 
-# -- 2 or more GPUs: fsdp equality and mesh changes on real devices.
-# The lead engineer's GPU variants of the fsdp tests go here (or beside the CPU ones in
-# tests/test_fsdp.py), marked `gpu` and skipped below 2 GPUs with the reason.
+# -- 2 or more GPUs: fsdp equality and mesh changes on real devices live beside the CPU ones,
+# tests/test_fsdp.py::test_fsdp_on_gpus_matches_one_gpu_and_moves_between_meshes.
 
 
 # -- launch/benchmark.py --suite=gpu, on any backend.
