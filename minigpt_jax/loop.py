@@ -234,8 +234,9 @@ def _diverged(problem: str, mngr, best, config) -> UserError:
     if best[1] is not None:
       good += f" (best: step {best[1]}, val loss {best[0]:.4f})"
   fix = "rerun to resume from it with a lower --config.train.learning_rate"
-  if optimizer.is_float16(config.model.dtype):
-    fix += ", or in --config.model.dtype=float32 (or bfloat16, which has float32's range)"
+  if optimizer.is_float16(config.model.dtype):  # its checkpoints resume only in float16
+    fix += (", or start afresh in a new --workdir with --config.model.dtype=float32 (or "
+            "bfloat16, which has float32's range)")
   else:
     fix += ", or skip such updates with --config.train.skip_nonfinite_updates=N"
   return UserError(f"training diverged: {problem}; stopped without saving past it: {good}, "

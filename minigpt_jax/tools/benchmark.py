@@ -92,14 +92,17 @@ def flops_per_token(cfg: ModelConfig) -> int:
   return 6 * n_non_embedding + attention
 
 
+def peak_entry(device_kind: str) -> tuple[str, dict] | None:
+  """The PEAK_TFLOPS row (pattern, peaks by dtype) that names this device, or None."""
+  kind = device_kind.lower()
+  return next(((p, peaks) for p, peaks in PEAK_TFLOPS if re.search(p, kind)), None)
+
+
 def peak_flops(device_kind: str, dtype: str) -> float | None:
   """The device's dense peak FLOP/s for `dtype`, or None (CPU, unknown GPU or dtype)."""
-  kind = device_kind.lower()
-  for pattern, peaks in PEAK_TFLOPS:
-    if re.search(pattern, kind):
-      tflops = peaks.get(dtype)
-      return None if tflops is None else tflops * 1e12
-  return None
+  entry = peak_entry(device_kind)
+  tflops = None if entry is None else entry[1].get(dtype)
+  return None if tflops is None else tflops * 1e12
 
 
 def peak_memory() -> tuple[int, str]:
@@ -213,6 +216,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
   model_cfg = state.model_cfg
   speeds = measure_sampling(model_cfg, state.params, sample_tokens, seed=config.seed)
   device = jax.local_devices()[0]
+  devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)  # the run's mesh
   dtype = model_cfg.dtype
   fpt = flops_per_token(model_cfg)
   achieved = fpt * trained["tokens_per_s"]
@@ -221,7 +225,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
   return {
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
-      "devices": jax.device_count(),
+      "devices": devices,
       "params": count_params(state.params),
       "vocab_size": trained["vocab_size"],
       "dtype": dtype,
@@ -237,7 +241,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       "flops_per_token": fpt,
       "achieved_flops": achieved,
       # tokens_per_s counts every device's tokens, so the peak is every device's too
-      "mfu": None if peak is None else achieved / (peak * jax.device_count()),
+      "mfu": None if peak is None else achieved / (peak * devices),
       **speeds,
       "peak_memory_bytes": memory,
       "peak_memory_source": memory_source,

@@ -65,15 +65,14 @@ def peak(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
   for float32 on GPUs that also have bf16 units (Ampere on: the default
   matmul precision runs float32 there), FP32 before (T4, V100).
   """
-  kind = device_kind.lower()
-  for pattern, peaks in benchmark.PEAK_TFLOPS:
-    if re.search(pattern, kind):
-      if peaks.get(dtype) is None:
-        return None, None
-      units = _PRECISION.get(dtype) or ("tf32" if peaks["bfloat16"] else "fp32")
-      entry = " ".join(re.sub(r"\\b|\.\*", " ", pattern).split())
-      return peaks[dtype] * 1e12, f"{entry} {units} dense (NVIDIA data sheet)"
-  return None, None
+  entry = benchmark.peak_entry(device_kind)
+  flops = benchmark.peak_flops(device_kind, dtype)
+  if flops is None:
+    return None, None
+  pattern, peaks = entry
+  units = _PRECISION.get(dtype) or ("tf32" if peaks["bfloat16"] else "fp32")
+  name = " ".join(re.sub(r"\\b|\.\*", " ", pattern).split())
+  return flops, f"{name} {units} dense (NVIDIA data sheet)"
 
 
 def row(name: str, dtype: str, fsdp: int, timing: dict, *, params: int, flops_per_token: int,
