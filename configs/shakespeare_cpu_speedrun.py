@@ -2,16 +2,17 @@
 
   python launch/train.py --config=configs/shakespeare_cpu_speedrun.py --workdir=runs/speedrun
 
-The budget is what `../shared/bench/torch_ref.py --preset nanogpt_cpu --steps
-2000` (nanoGPT's CPU model: 4 layers, 4 heads, width 128, block 64, batch 12,
-lr 1e-3 constant, 2000 steps) takes on the same machine, from launch to the
-end, compilation included. The model keeps that size and context, with rotary
+The budget is what nanoGPT's CPU recipe takes in PyTorch on the same machine,
+from launch to the end, compilation included, as the project's PyTorch twin
+runs it: `python launch/torch_twin.py --corpus=shakespeare --preset=nanogpt_cpu
+--steps=2000 --eval_iters=200` (nanoGPT's CPU model: 4 layers, 4 heads, width
+128, block 64, batch 12, lr 1e-3 constant, 2000 steps). The model keeps that size and context, with rotary
 positions, GELU and a head tied to the embedding. The recipe: batch 32 for
 500 steps; Muon (0.05) for the blocks' matrices and AdamW (1e-2) for the rest,
 50 warmup steps, then cosine to a twentieth; beta2 0.99, weight decay 0.1 on
 matrices, clipping at 1.0; one evaluation, at the end, exact (eval_mode
 "full": every val token once in windows of 64; train on as many fixed windows).
-Measured: exact val 1.670 at step 500, against torch_ref's 1.806 (its
+Measured: exact val 1.670 at step 500, against PyTorch's 1.806 (its
 estimate), in 0.90 of its wall time on a 2-core CPU (docs/recipes.md, with the
 sweeps behind it).
 """

@@ -21,11 +21,13 @@ vector and matrix units: avx2, avx512*, amx*, ...; empty where the OS does not
 say), cpu_cores (those this process may use), jax_version, jaxlib_version and
 torch_version (null without torch).
 
---compare-torch then runs ../shared/bench/torch_ref.py with the config's preset
-(or --torch_preset) on the same corpus, steps and sample length, and adds to
-the same line torch_preset, torch_mode ("float32", or "autocast bfloat16":
-torch_ref's --bf16 when our dtype is bfloat16, so the pair is like for like;
-it has no float16 mode, so float16 is refused), torch_impl, torch_threads,
+--compare-torch then runs the project's PyTorch twin of the same config
+(minigpt_jax/tools/torch_twin.py: the same model, batch shape and peak
+learning rate; GPT configs on characters) on the same corpus, steps and
+sample length, and adds to the same line torch_command (the twin's command
+line, to rerun it alone), torch_mode ("float32", or "autocast bfloat16": the
+twin's --bf16 when our dtype is bfloat16, so the pair is like for like; it has
+no float16 mode, so float16 is refused), torch_impl, torch_threads,
 torch_params, torch_steps_per_s, torch_tokens_per_s, torch_naive_sample_tok_per_s and the
 ratios train_speedup, sample_kv_speedup_vs_torch_naive and
 sample_naive_speedup_vs_torch_naive. --repeats=N measures ours then torch N
@@ -39,6 +41,7 @@ bfloat16, at fsdp 1 and, with 2 or more GPUs, fsdp 2: one JSON line per row
 """
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,15 +57,11 @@ from minigpt_jax.support import cli  # noqa: E402
 from minigpt_jax.tools import benchmark, gpu_suite  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
-TORCH_REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_ref.py"
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed training steps (after a warm-up call).")
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "New tokens per timed sample.")
 _COMPARE = flags.DEFINE_bool("compare-torch", False,
-                             "Also time the PyTorch reference and report the ratios.")
-_TORCH_PRESET = flags.DEFINE_string("torch_preset", None,
-                                    "torch_ref.py preset (default: the config's own).")
+                             "Also time the PyTorch twin of the config and report the ratios.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Measurements (ours, then torch) to take medians of.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Split the CPU into N devices, data-parallel, as train.py does.")
@@ -106,27 +105,21 @@ def main():
   config = _CONFIG.value
   name = Path(flags.FLAGS["config"].config_filename.split(":", 1)[0]).stem
   if _COMPARE.value:
-    preset = benchmark.torch_preset(name, _TORCH_PRESET.value)
-    benchmark.check_torch(TORCH_REF)
-    torch_ref, torch_mode = benchmark.torch_command(
-        TORCH_REF, preset, benchmark.corpus_path(config), _STEPS.value, _SAMPLE_TOKENS.value,
+    benchmark.check_torch()
+    twin, torch_mode = benchmark.torch_command(
+        config, benchmark.corpus_path(config), _STEPS.value, _SAMPLE_TOKENS.value,
         precision.resolve(config.model.dtype))  # like for like: bfloat16 runs torch's --bf16
-  elif _TORCH_PRESET.value is not None:
-    benchmark.torch_preset(name, _TORCH_PRESET.value)  # still reject a bad name
 
   runs, pairs = [], []
   for _ in range(_REPEATS.value):
     ours = benchmark.measure(config, _STEPS.value, _SAMPLE_TOKENS.value)
     runs.append(ours)
     if _COMPARE.value:
-      pairs.append((ours, benchmark.run_torch_ref(torch_ref)))
+      pairs.append((ours, benchmark.run_torch(twin)))
   result = {"config": name, **benchmark.median_of(runs), "repeats": _REPEATS.value}
   if _COMPARE.value:
-    result.update(torch_preset=preset, torch_mode=torch_mode)
+    result.update(torch_command=shlex.join(["python", *twin[1:]]), torch_mode=torch_mode)
     result.update(benchmark.compare(pairs))
-    if result["torch_params"] != result["params"]:
-      print(f"warning: torch_ref preset {preset!r} has {result['torch_params']:,} params, "
-            f"ours {result['params']:,}: the models differ", file=sys.stderr)
   print(json.dumps(_rounded(result)))
   print(benchmark.summary_line(result), file=sys.stderr)
 

@@ -12,7 +12,7 @@ every token of any text the checkpoint's vocabulary covers, streamed in
 chunks, in windows moving by --stride tokens (default: block_size; a smaller
 stride gives each token more context).
 
-  python launch/evaluate.py --config=configs/frost_best.py --path=../shared/corpora/frost.txt --stride=64
+  python launch/evaluate.py --config=configs/frost_best.py --path=poems.txt --stride=64
 
 One JSON object goes to stdout for scripts (`train_loss`, `val_loss`,
 `train_bpc`, `val_bpc`, or `text_loss` and `text_bpc` with --path; `step`,

@@ -8,9 +8,9 @@
   python launch/sample.py --workdir=runs/imported --prompt="ROMEO:"
 
 --state_dict is what `torch.save(model.state_dict(), path)` writes for the
-lecture's gpt.py or bigram.py, ../shared/bench/torch_ref.py, or nanoGPT's
-model.py; the config gives the sizes and options. --ckpt is the ckpt.pt that
-nanoGPT's train.py writes: its model_args give the sizes, bias and dropout,
+lecture's gpt.py or bigram.py, a fused one-file GPT (`tok`,
+`blocks.{i}.att.qkv`, ...), or nanoGPT's model.py; the config gives the sizes
+and options. --ckpt is the ckpt.pt that nanoGPT's train.py writes: its model_args give the sizes, bias and dropout,
 and nanoGPT's model the rest (gelu, tied head, learned positions); the config
 gives the training settings. Only character-level nanoGPT models import (its
 vocab_size must be the vocabulary's). The vocabulary is the sorted characters

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-# Corpora: $MINIGPT_DATA_DIR when set (CI: ../shared/corpora), else each
+# Corpora: $MINIGPT_DATA_DIR when set (CI: local copies), else each
 # corpus's pinned download (minigpt_jax/data.py), kept in the user's cache.
 # Compiled programs persist across tests and the CLI subprocesses they start,
 # in a cache of their own, whatever $MINIGPT_CACHE_DIR the user has.
@@ -22,10 +22,6 @@ _CACHE = str(ROOT / ".pytest_cache" / "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# Torch reference of ../shared/bench, beside a checkout; the tests that need it skip without it.
-TORCH_REF = ROOT.parent / "shared" / "bench" / "torch_ref.py"
-needs_torch_ref = pytest.mark.skipif(not TORCH_REF.is_file(),
-                                     reason=f"{TORCH_REF} is not beside this repo")
 
 
 def assert_one_line_error(result, *needles):

@@ -2,11 +2,10 @@
 
 import collections
 import dataclasses
-import importlib.util
 import json
-import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +24,11 @@ from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
 
 torch = pytest.importorskip("torch")
+from minigpt_jax.tools import torch_twin  # noqa: E402  (imports torch)
 nn = torch.nn
 F = torch.nn.functional
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_REF = Path(__file__).resolve().parents[2] / "shared/bench/torch_ref.py"
 TEXT = "Whose woods these are I think I know.\nHis house is in the village though;\n"
 TOKENIZER = CharTokenizer.from_text(TEXT)
 V, T, C, H, L = TOKENIZER.vocab_size, 16, 32, 2, 2
@@ -116,101 +115,44 @@ class BigramLanguageModel(nn.Module):
     return self.token_embedding_table(idx)
 
 
-# -- nanoGPT's model.py at the tiny size: its names, exact GELU, optional biases, tied head.
+# -- nanoGPT's layout and the fused one: the project's PyTorch twin at the tiny size.
 
-class NanoLayerNorm(nn.Module):
-
-  def __init__(self, bias):
-    super().__init__()
-    self.weight = nn.Parameter(torch.ones(C))
-    self.bias = nn.Parameter(torch.zeros(C)) if bias else None
-
-  def forward(self, x):
-    return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+def _twin(**options):
+  return torch_twin.GPT(torch_twin.TwinConfig(vocab_size=V, block_size=T, n_embed=C, n_heads=H,
+                                              n_layer=L, **options))
 
 
-class NanoAttention(nn.Module):
-
-  def __init__(self, bias):
-    super().__init__()
-    self.c_attn = nn.Linear(C, 3 * C, bias=bias)
-    self.c_proj = nn.Linear(C, C, bias=bias)
-    # nanoGPT without flash attention saves its causal mask as `attn.bias`.
-    self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
-
-  def forward(self, x):
-    b, t, _ = x.shape
-    q, k, v = (a.view(b, t, H, C // H).transpose(1, 2) for a in self.c_attn(x).split(C, dim=2))
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    att = F.softmax(att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf")), dim=-1)
-    return self.c_proj((att @ v).transpose(1, 2).contiguous().view(b, t, C))
+# The twin's names (nanoGPT's) -> a fused one-file GPT's: `tok`, `blocks.{i}.att.qkv`, ...
+_FUSED = ((r"^transformer\.wte\.", "tok."), (r"^transformer\.wpe\.", "pos."),
+          (r"^transformer\.h\.", "blocks."), (r"\.ln_(\d)\.", r".ln\1."),
+          (r"\.attn\.c_attn\.", ".att.qkv."), (r"\.attn\.c_proj\.", ".att.proj."),
+          (r"\.mlp\.c_fc\.", ".mlp.0."), (r"\.mlp\.c_proj\.", ".mlp.2."),
+          (r"^transformer\.ln_f\.", "lnf."), (r"^lm_head\.", "head."))
 
 
-class NanoMLP(nn.Module):
-
-  def __init__(self, bias):
-    super().__init__()
-    self.c_fc, self.gelu = nn.Linear(C, 4 * C, bias=bias), nn.GELU()
-    self.c_proj = nn.Linear(4 * C, C, bias=bias)
-
-  def forward(self, x):
-    return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class NanoBlock(nn.Module):
-
-  def __init__(self, bias):
-    super().__init__()
-    self.ln_1, self.attn = NanoLayerNorm(bias), NanoAttention(bias)
-    self.ln_2, self.mlp = NanoLayerNorm(bias), NanoMLP(bias)
-
-  def forward(self, x):
-    x = x + self.attn(self.ln_1(x))
-    return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-
-  def __init__(self, bias):
-    super().__init__()
-    self.transformer = nn.ModuleDict(dict(
-        wte=nn.Embedding(V, C), wpe=nn.Embedding(T, C),
-        h=nn.ModuleList([NanoBlock(bias) for _ in range(L)]), ln_f=NanoLayerNorm(bias)))
-    self.lm_head = nn.Linear(C, V, bias=False)
-    self.transformer.wte.weight = self.lm_head.weight  # tied, as nanoGPT's
-
-  def forward(self, idx):
-    x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1]))
-    for block in self.transformer.h:
-      x = block(x)
-    return self.lm_head(self.transformer.ln_f(x))
-
-
-def _torch_ref_gpt():
-  """../shared/bench/torch_ref.py's GPT; its module only defines things on import."""
-  if not TORCH_REF.is_file():
-    pytest.skip(f"{TORCH_REF} is not beside this repo")
-  spec = importlib.util.spec_from_file_location("torch_ref", TORCH_REF)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model = module.GPT(dict(block=T, embd=C, heads=H, layers=L, dropout=0.0), V)
-  return lambda idx: model(idx)[0], model
+def _fused_names(state_dict):
+  def rename(name):
+    for pattern, new in _FUSED:
+      name = re.sub(pattern, new, name)
+    return name
+  return {rename(k): v for k, v in state_dict.items()}
 
 
 def _torch_model(kind, bias=True):
   """(logits function, module) with random weights far from any init, in eval mode."""
   torch.manual_seed(0)
-  if kind == "fused":
-    forward, model = _torch_ref_gpt()
-  elif kind == "nanogpt":
-    model = forward = NanoGPT(bias)
+  if kind in ("fused", "nanogpt"):  # the lecture's model, or nanoGPT's options
+    options = (dict(activation="gelu", bias=bias, qkv_bias=bias, tie_embeddings=True)
+               if kind == "nanogpt" else {})
+    model = _twin(**options)
+    forward = lambda idx: model(idx)[0]  # noqa: E731
   else:
     model = GPTLanguageModel() if kind == "lecture" else BigramLanguageModel()
     forward = model
   with torch.no_grad():
     for module in model.modules():
       for name, p in module.named_parameters(recurse=False):
-        layer_norm = isinstance(module, (nn.LayerNorm, NanoLayerNorm))
+        layer_norm = isinstance(module, (nn.LayerNorm, torch_twin.LayerNorm))
         one = 1.0 if layer_norm and name == "weight" else 0.0
         p.copy_(one + 0.2 * torch.randn_like(p))
   model.eval()
@@ -228,8 +170,16 @@ def _model_cfg(kind):
   return ModelConfig.from_config(config.model, V)
 
 
+def _state_dict(model):
+  """The state_dict as its layout names it: a twin standing for the fused GPT renamed."""
+  state_dict = model.state_dict()
+  if isinstance(model, torch_twin.GPT) and not model.config.tie_embeddings:
+    state_dict = _fused_names(state_dict)
+  return state_dict
+
+
 def _numpy(model):
-  return {k: v.numpy() for k, v in model.state_dict().items()}
+  return {k: v.numpy() for k, v in _state_dict(model).items()}
 
 
 def _torch_greedy(forward, block_size, prompt, num_tokens):
@@ -272,7 +222,7 @@ def _cli(script, *args, check=True):
 def _files(tmp_path, model):
   """The state_dict as torch.save writes it, the text, and its vocab.json."""
   pt, text, vocab = tmp_path / "model.pt", tmp_path / "input.txt", tmp_path / "vocab.json"
-  torch.save(model.state_dict(), pt)
+  torch.save(_state_dict(model), pt)
   text.write_text(TEXT)
   vocab.write_text(json.dumps(TOKENIZER.to_json()))
   return pt, text, vocab
@@ -360,11 +310,13 @@ def _nanogpt_files(tmp_path, bias, compiled=False):
   """(forward, ckpt.pt, meta.pkl) as nanoGPT's train.py and prepare.py write them."""
   forward, model = _torch_model("nanogpt", bias)
   state_dict = model.state_dict()
-  assert "lm_head.weight" in state_dict and "transformer.h.0.attn.bias" in state_dict
+  for i in range(L):  # the causal mask nanoGPT saves without flash attention: not a weight
+    state_dict[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+  assert "lm_head.weight" in state_dict
   if compiled:  # torch.compile's names, as train.py saves them
     state_dict = {"_orig_mod." + k: v for k, v in state_dict.items()}
   optimizer = torch.optim.AdamW(model.parameters())
-  model(torch.zeros((1, 4), dtype=torch.long)).sum().backward()
+  forward(torch.zeros((1, 4), dtype=torch.long)).sum().backward()
   optimizer.step()  # a real optimizer state: tensors and plain values
   ckpt, meta = tmp_path / "ckpt.pt", tmp_path / "meta.pkl"
   torch.save({"model": state_dict, "optimizer": optimizer.state_dict(),

@@ -1,6 +1,7 @@
 """Every `python launch/...` command in README.md and docs/*.md runs (shrunk to a few steps),
 every relative link there resolves, and the README stays short."""
 
+import importlib.util
 import os
 import pickle
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TORCH_REF
+from minigpt_jax import data
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--config.model.block_size=16", "--config.model.n_embed=32",
@@ -22,8 +23,13 @@ SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
                   "--config.train.warmup_steps=0"]  # the recipes' warmup outlasts 2 steps
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
-ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "benchmark.py", "plot.py",
-         "sample.py", "evaluate.py")
+TWIN_SHRINK = ["--steps=2", "--warmup=1", "--sample_tokens=4", "--n_layer=1"]
+ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "benchmark.py", "torch_twin.py",
+         "plot.py", "sample.py", "evaluate.py")
+# Files the docs name as a user's own (`--path=poems.txt`), and the named corpus that
+# stands for each here, so the command runs on what the run was trained on.
+USER_FILES = {"poems.txt": "frost"}
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 README_MAX_LINES = 300
@@ -151,10 +157,16 @@ def _shrunk_in_place(args, tmp_path, workdirs):
                     "state_dict", tmp_path / "model.pt")
     return args + MODEL
   if script == "benchmark.py":
-    extra = ["--torch_preset=frost_cpu"] if "--compare-torch" in args else []
-    if not TORCH_REF.is_file():  # without ../shared/bench: our half of the command only
-      args, extra = _drop(args, "compare-torch", "torch_preset"), []
-    return _drop(args, "steps", "sample_tokens", "repeats") + BENCH_SHRINK + extra
+    if not HAS_TORCH:  # without PyTorch: our half of the command only
+      args = _drop(args, "compare-torch")
+    return _drop(args, "steps", "sample_tokens", "repeats") + BENCH_SHRINK
+  if script == "torch_twin.py":
+    if not HAS_TORCH:
+      pytest.skip("the docs run launch/torch_twin.py, which needs PyTorch")
+    if _flag(args, "text"):
+      args = _replace(args, "text", _user_file(_flag(args, "text")))
+    args = _drop(args, "steps", "warmup", "sample_tokens", "n_layer")
+    return (_replace(args, "eval_iters", 1) if _flag(args, "eval_iters") else args) + TWIN_SHRINK
   if script == "plot.py":
     args = [f"--workdir={workdirs[a.split('=', 1)[1]]}" if a.startswith("--workdir=") else a
             for a in args]
@@ -163,11 +175,17 @@ def _shrunk_in_place(args, tmp_path, workdirs):
     if _flag(args, "stride"):
       args = _replace(args, "stride", 8)
     if _flag(args, "path"):
-      args = _replace(args, "path", (ROOT / _flag(args, "path")).resolve())
+      args = _replace(args, "path", _user_file(_flag(args, "path")))
     return args
   if script == "sample.py":
     return _drop(args, "num_tokens") + ["--num_tokens=5"]
   raise AssertionError(f"test_readme does not know how to shrink {script}")
+
+
+def _user_file(name: str) -> Path:
+  """A file the docs name as the user's: the named corpus that stands for it."""
+  assert name in USER_FILES, f"the docs name {name}; add it to USER_FILES or name a corpus"
+  return data.resolve_corpus(USER_FILES[name])
 
 
 def test_readme_commands_run(tmp_path):

@@ -8,12 +8,13 @@ compilation and a warm-up call come first, and each timed stretch ends with
 `machine` names what ran it (CPU model and vector extensions, cores, library
 versions), so ratios from different machines can be told apart.
 
-`run_torch_ref` runs the PyTorch reference (shared/bench/torch_ref.py) in a
-subprocess on the same corpus, under autocast bfloat16 when ours is bfloat16
-(`torch_command`), so `compare` can put the two side by side, like for like.
+`run_torch` runs the project's PyTorch twin (torch_twin.py) of the same config
+in a subprocess on the same corpus, under autocast bfloat16 when ours is
+bfloat16 (`torch_command`), so `compare` can put the two side by side, like
+for like.
 
 Owns: timing of training and decoding, FLOP counts, the machine's description,
-the torch_ref comparison.
+the PyTorch twin's comparison.
 May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, precision,
 support.hugepages.
 """
@@ -45,12 +46,6 @@ from minigpt_jax.model import ModelConfig, build_model, count_params, init_param
 SAMPLERS = (("sample_naive_tok_per_s", "naive", 1),
             ("sample_kv_tok_per_s", "kv", 1),
             ("sample_kv_batch16_tok_per_s", "kv", 16))
-
-# Our config files and the torch_ref.py preset of the same model and batch.
-TORCH_PRESETS = {"frost_cpu": "frost_cpu", "frost_t4": "frost_t4",
-                 "shakespeare_char": "shakespeare"}
-# Every preset torch_ref.py defines (its PRESETS), for --torch_preset.
-TORCH_REF_PRESETS = ("frost_cpu", "frost_t4", "frost_t4_nodrop", "nanogpt_cpu", "shakespeare")
 
 # Dense peak TFLOP/s (no structured sparsity) from NVIDIA's data sheets, by
 # compute dtype. float32 is what XLA's default matmul precision runs: TF32 on
@@ -150,7 +145,7 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
 
 
 def measure_sampling(model_cfg: ModelConfig, params, num_tokens: int, seed: int = 0) -> dict:
-  """Tokens/s of each of SAMPLERS, from a 1-token prompt (token 0) as torch_ref.py does.
+  """Tokens/s of each of SAMPLERS, from a 1-token prompt (token 0) as the twin's decode.
 
   Each decoder is called once to compile and warm up, then timed over one
   call; a batch's tokens/s counts every row.
@@ -197,7 +192,7 @@ def machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
 
   Off Linux (no /proc/cpuinfo) the model is `platform.processor()` or None
   and the extensions an empty list. torch_version is None without torch;
-  torch_ref runs on this Python, so it is the torch of `--compare-torch`.
+  The twin runs on this Python, so it is the torch of `--compare-torch`.
   """
   try:
     model, extensions = cpu_info(cpuinfo_path.read_text())
@@ -271,64 +266,66 @@ def median_of(runs: list[dict], fields=SPEED_FIELDS) -> dict:
   return merged
 
 
-# -- The PyTorch reference.
+# -- The PyTorch twin (torch_twin.py), run beside ours.
 
-def torch_preset(config_name: str, override: str | None = None) -> str:
-  """torch_ref.py's preset for a config file stem, or `override` if given."""
-  if override is not None:
-    if override not in TORCH_REF_PRESETS:
-      raise UserError(f"--torch_preset={override!r} is not a torch_ref.py preset; use one of "
-                      f"{', '.join(TORCH_REF_PRESETS)}")
-    return override
-  if config_name not in TORCH_PRESETS:
-    raise UserError(f"config {config_name!r} has no torch_ref.py preset; --compare-torch "
-                    f"works for {', '.join(sorted(TORCH_PRESETS))}, or pass --torch_preset= "
-                    f"one of {', '.join(TORCH_REF_PRESETS)}")
-  return TORCH_PRESETS[config_name]
+def twin_flags(config: ml_collections.ConfigDict) -> list[str]:
+  """torch_twin.py's flags for the model and batch of `config`: the same network, batch
+  shape and peak learning rate; a UserError for a config the twin cannot mirror."""
+  model_config, data_config = config.model, config.data
+  if model_config.name != "gpt":
+    raise UserError(f"--compare-torch: the PyTorch twin is a GPT, and this config's model is "
+                    f"{model_config.name!r}; use a GPT config or drop --compare-torch")
+  if data_config.tokens or data_config.tokenizer != "char":
+    raise UserError("--compare-torch: the PyTorch twin reads characters from a text file, and "
+                    "this config trains on a token folder or BPE tokens; use a character "
+                    "config or drop --compare-torch")
+  flags = [f"--{name}={model_config[name]}" for name in
+           ("block_size", "n_embed", "n_heads", "n_layer", "dropout", "activation", "position")]
+  flags += [f"--{'' if model_config[name] else 'no-'}{name}"
+            for name in ("bias", "qkv_bias", "tie_embeddings")]
+  return flags + [f"--batch_size={config.train.batch_size}",
+                  f"--learning_rate={config.train.learning_rate}"]
 
 
-def check_torch(script: Path) -> None:
-  """One-line errors, before any work, if the reference cannot run."""
-  if not Path(script).is_file():
-    raise UserError(f"--compare-torch needs the PyTorch reference at {script}, which does "
-                    "not exist; put torch_ref.py there or drop --compare-torch")
+def check_torch() -> None:
+  """A one-line error, before any work, if the twin cannot run."""
   # Not imported here: it would only add to this process' peak memory.
   if importlib.util.find_spec("torch") is None:
     raise UserError("--compare-torch needs PyTorch, which is not installed here; "
                     "pip install -r tests/requirements.txt")
 
 
-# torch_ref.py's mode, and its flags, for each of our dtypes: like for like.
+# The twin's mode, and its flags, for each of our dtypes: like for like.
 TORCH_MODES = {"float32": ("float32", []), "bfloat16": ("autocast bfloat16", ["--bf16"])}
 
 
-def torch_command(script: Path, preset: str, text_path: Path, steps: int, sample_tokens: int,
-                  dtype: str) -> tuple[list[str], str]:
-  """(command, mode): torch_ref.py for `preset` on `text_path`, in the mode of our `dtype`."""
+def torch_command(config: ml_collections.ConfigDict, text_path: Path, steps: int,
+                  sample_tokens: int, dtype: str) -> tuple[list[str], str]:
+  """(command, mode): the twin of `config` on `text_path`, in the mode of our `dtype`."""
   if dtype not in TORCH_MODES:
-    raise UserError(f"--compare-torch: torch_ref.py has no {dtype} mode to compare with ours; "
-                    "pass --config.model.dtype=float32 or bfloat16, or drop --compare-torch")
+    raise UserError(f"--compare-torch: the PyTorch twin has no {dtype} mode to compare with "
+                    "ours; pass --config.model.dtype=float32 or bfloat16, or drop --compare-torch")
   mode, mode_flags = TORCH_MODES[dtype]
-  return [sys.executable, str(script), "--preset", preset, "--text", str(text_path),
-          "--steps", str(steps), "--sample_tokens", str(sample_tokens), *mode_flags], mode
+  return [sys.executable, "-m", "minigpt_jax.tools.torch_twin", *twin_flags(config),
+          f"--text={text_path}", f"--steps={steps}", f"--sample_tokens={sample_tokens}",
+          *mode_flags], mode
 
 
-def run_torch_ref(command: list[str]) -> dict:
+def run_torch(command: list[str]) -> dict:
   """The JSON line of a `torch_command`, run with this Python."""
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode != 0:
     last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise UserError(f"{Path(command[1]).name} {' '.join(command[2:4])} failed "
-                    f"(exit {result.returncode}): {last}")
+    raise UserError(f"the PyTorch twin failed (exit {result.returncode}): {last}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def corpus_path(config: ml_collections.ConfigDict) -> Path:
-  """The text file our config trains on, for torch_ref.py's --text."""
+  """The text file our config trains on, for the twin's --text."""
   return Path(config.data.path) if config.data.path else data.resolve_corpus(config.data.corpus)
 
 
-# Our speed over torch's, each as (ratio field, our field, torch_ref.py's field).
+# Our speed over torch's, each as (ratio field, our field, the twin's field).
 RATIOS = (("train_speedup", "steps_per_s", "steps_per_s"),
           ("sample_kv_speedup_vs_torch_naive", "sample_kv_tok_per_s", "naive_sample_tok_per_s"),
           ("sample_naive_speedup_vs_torch_naive", "sample_naive_tok_per_s",
@@ -367,7 +364,7 @@ def summary_line(result: dict) -> str:
     line += f"; MFU {100 * result['mfu']:.1f}%"
   if "train_speedup" in result:
     n = len(result["train_speedup_runs"])
-    line += (f" | vs {result['torch_impl']} ({result['torch_preset']}"
+    line += (f" | vs {result['torch_impl']} ({result['torch_mode']}"
              f"{f', median of {n}' if n > 1 else ''}): train {result['train_speedup']:.2f}x, "
              f"kv/naive {result['sample_kv_speedup_vs_torch_naive']:.2f}x, "
              f"naive/naive {result['sample_naive_speedup_vs_torch_naive']:.2f}x")

@@ -8,10 +8,12 @@ Three layouts are read, told apart by the token embedding's name:
            one Linear per head (`blocks.{i}.sa.heads.{j}.query.weight` [D, C]),
            `sa.proj`, `ffwd.net.{0,2}`, `ln1`, `ln2`, `ln_f`, `lm_head`; with
            config.model.name="bigram", bigram.py's `token_embedding_table` [V, V].
-  fused    ../shared/bench/torch_ref.py: `tok`, `pos`, `blocks.{i}.att.qkv`
+  fused    a one-file GPT with one q/k/v Linear (the layout of the PyTorch
+           reference our first benchmarks ran): `tok`, `pos`, `blocks.{i}.att.qkv`
            [3C, C] (rows q | k | v, each head-major), `att.proj`, `mlp.{0,2}`,
            `ln1`, `ln2`, `lnf`, `head`.
-  nanogpt  Karpathy's nanoGPT model.py: `transformer.wte`, `transformer.wpe`,
+  nanogpt  Karpathy's nanoGPT model.py (and our PyTorch twin, torch_twin.py,
+           built with nanoGPT's options): `transformer.wte`, `transformer.wpe`,
            `transformer.h.{i}.attn.c_attn` [3C, C] (rows q | k | v, each
            head-major), `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, `ln_1`, `ln_2`,
            `transformer.ln_f`, and `lm_head`, the same tensor as wte. Its
@@ -91,8 +93,9 @@ def layout(names) -> str:
     return "nanogpt"
   raise UserError(
       "state_dict has neither token_embedding_table.weight (the lecture's gpt.py or "
-      "bigram.py), tok.weight (../shared/bench/torch_ref.py) nor transformer.wte.weight "
-      "(nanoGPT); save model.state_dict() of one of those models")
+      "bigram.py), tok.weight (a fused one-file GPT) nor transformer.wte.weight "
+      "(nanoGPT, or minigpt_jax/tools/torch_twin.py); save model.state_dict() of one of "
+      "those models")
 
 
 def _check_model(kind: str, cfg: ModelConfig, names) -> None:
