@@ -74,8 +74,7 @@ def card(loaded: restore.Loaded, meta: dict, workdir: Path, native: bool,
   corpus, sha = _corpus(loaded.config, workdir)
   best, best_step = restore.best_of(meta)
   fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
-  load = ("AutoModelForCausalLM.from_pretrained(DIR)" if native else
-          "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+  trust = "" if native else ", trust_remote_code=True"
   model = {k: v for k, v in loaded.config.get("model", {}).items()}
   return "\n".join([
       "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [minigpt_jax]",
@@ -91,7 +90,8 @@ def card(loaded: restore.Loaded, meta: dict, workdir: Path, native: bool,
       f"{fmt(_bpc(best, workdir, tok, 'best_val_bpc'))} bits per character",
       f"- made by: `{command}`", "",
       "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-      f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
+      f"model = AutoModelForCausalLM.from_pretrained(DIR{trust})",
+      f"tokenizer = AutoTokenizer.from_pretrained(DIR{trust})", "```", "",
       "## config.model", "", "```json", json.dumps(model, indent=2, sort_keys=True), "```",
       ""])
 
