@@ -29,15 +29,13 @@ from pathlib import Path
 
 import _preamble  # noqa: F401  first: the installed package, or one error line
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from minigpt_jax import config as config_lib, data, tokenizer as tokenizer_lib, train  # noqa: E402
-from minigpt_jax.support import checkpoint, cli, files, workdir_lock  # noqa: E402
-from minigpt_jax.tools import torch_import  # noqa: E402
+from minigpt_jax import config as config_lib, data, tokenizer as tokenizer_lib  # noqa: E402
+from minigpt_jax.support import cli  # noqa: E402
+from minigpt_jax.tools import imported, torch_import  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 from minigpt_jax.model import ModelConfig, count_params  # noqa: E402
 
@@ -132,9 +130,7 @@ def main():
   tokenizer = _tokenizer(_TEXT.value, _VOCAB.value, _META.value)
   if tokenizer.kind == "bpe":  # the saved config says what the vocabulary is
     config.data.update(tokenizer="bpe", vocab_size=tokenizer.vocab_size)
-  checkpoints = workdir / "checkpoints"
-  if checkpoints.is_dir() and any(checkpoints.iterdir()):
-    raise UserError(f"{workdir} already holds checkpoints; import into a new --workdir")
+  imported.check_new(workdir)
   if _CKPT.value:
     state_dict, model_args = _load_ckpt(state_dict_path)
     taken = torch_import.nanogpt_model(model_args, tokenizer.vocab_size, str(state_dict_path))
@@ -148,18 +144,7 @@ def main():
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
   params = torch_import.convert(state_dict, model_cfg)
 
-  # -- A step-0 TrainState holding the imported params, saved as training saves.
-  state = train.create_train_state(config, tokenizer.vocab_size)
-  state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params))
-  config_dict, vocab = config.to_dict(), tokenizer.to_json()
-  workdir.mkdir(parents=True, exist_ok=True)
-  with workdir_lock.WorkdirLock(workdir):  # a training run may not write here meanwhile
-    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
-    checkpoint.save(mngr, state, config_dict, vocab,
-                    {"step": 0, "val_loss": None, "imported_from": str(state_dict_path)})
-    mngr.close()
-    files.write_json(workdir / "config.json", config_dict)
-    files.write_json(workdir / "vocab.json", vocab)
+  imported.save_step0(config, tokenizer, params, workdir, str(state_dict_path))
   print(f"imported {state_dict_path} ({torch_import.layout(state_dict)} layout, "
         f"{config.model.name}, {count_params(params):,} params, vocab {tokenizer.vocab_size}) "
         f"into {workdir} at step 0; sample with python launch/sample.py --workdir={workdir}",

@@ -8,7 +8,8 @@ learned positions, an untied head with a bias, a q/k/v projection without one.
 
 Options (`config.model`; nanoGPT's train.py is activation="gelu", bias =
 qkv_bias = False, tie_embeddings=True):
-- activation="gelu": the exact erf GELU, torch's nn.GELU() (nanoGPT's).
+- activation="gelu": the exact erf GELU, torch's nn.GELU() (nanoGPT's);
+  "gelu_tanh": its tanh approximation, GPT-2's `gelu_new` (its weights need it).
 - bias=False drops the LayerNorm and Linear biases but q/k/v's: qkv_bias is
   that projection's own switch, so the lecture's default (biases, none on
   q/k/v) keeps its parameter tree; nanoGPT's one `bias` flag is both.
@@ -58,6 +59,10 @@ from minigpt_jax.settings import boolean, one_of, positive_int, rule, setting
 _INIT = cpu_tricks.INIT
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
 _ROPE_THETA = 10000.0
+# Exact erf GELU is torch's nn.GELU() default, so nanoGPT's weights give its
+# logits; GPT-2 trained with the tanh form (transformers' "gelu_new").
+_ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+                "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +87,9 @@ class ModelConfig:
                              'backend) | "on" | "off" (plain Flax: forward-mode AD works)',
                              config="auto", read=cpu_tricks.enabled,
                              check=one_of(*cpu_tricks.SETTINGS))
-  activation: str = setting("relu", '"relu" | "gelu" (exact erf, as nanoGPT\'s nn.GELU)',
-                            check=one_of("relu", "gelu"), fits=True)
+  activation: str = setting("relu", '"relu" | "gelu" (exact erf, as nanoGPT\'s nn.GELU) | '
+                            '"gelu_tanh" (tanh approximation, GPT-2\'s gelu_new)',
+                            check=one_of("relu", "gelu", "gelu_tanh"), fits=True)
   bias: bool = setting(True, "Linear and LayerNorm biases, but the q/k/v projection's",
                        check=boolean, fits=True)
   qkv_bias: bool = setting(False, "the q/k/v projection's bias (nanoGPT: equal to bias)",
@@ -258,15 +264,14 @@ def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg):
 
 
 class MLP(nn.Module):
-  """The lecture's FeedForward: 4x expansion, ReLU (or exact GELU), projection, dropout."""
+  """The lecture's FeedForward: 4x expansion, ReLU (or a GELU), projection, dropout."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTC, deterministic: bool):
     C = x_BTC.shape[-1]
     h_BTF = _dense(4 * C, "fc", self.cfg)(x_BTC)
-    # Exact erf GELU, torch's nn.GELU() default, so nanoGPT's weights give its logits.
-    h_BTF = nn.gelu(h_BTF, approximate=False) if self.cfg.activation == "gelu" else nn.relu(h_BTF)
+    h_BTF = _ACTIVATIONS[self.cfg.activation](h_BTF)
     y_BTC = _dense(C, "proj", self.cfg)(h_BTF)
     return Dropout(self.cfg.dropout)(y_BTC, deterministic)
 

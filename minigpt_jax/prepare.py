@@ -235,8 +235,9 @@ class _IdWriter:
 
 
 def _encode_chars(path: Path, n_train: int, codepoints: np.ndarray, writers: dict) -> None:
+  """Each split's characters as ids: `codepoints` is the vocabulary, id i's code point."""
   dtype = writers["train"].dtype
-  lut = np.zeros(max(int(codepoints[-1]) + 1, 256), dtype=dtype)  # code point -> id
+  lut = np.zeros(max(int(codepoints.max()) + 1, 256), dtype=dtype)  # code point -> id
   lut[codepoints] = np.arange(len(codepoints), dtype=dtype)
   # ASCII bytes to ids in one bytes.translate pass, when every id fits a byte.
   table = lut[:256].astype(np.uint8).tobytes() if len(codepoints) <= 256 else None
@@ -261,13 +262,19 @@ def _train_bpe(path: Path, n_train: int, vocab_size: int, name: str):
 
 
 def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
-            train_fraction: float = 0.9, replace_existing: bool = False) -> dict:
+            train_fraction: float = 0.9, replace_existing: bool = False,
+            tokenizer=None) -> dict:
   """Tokenizes `source` into the folder `out` (see the module docstring); returns its meta.
 
   `out` must not exist yet (or be empty). If another process completes the
   same folder first (`replace_existing=False` and a complete `out` appears),
-  this one's copy is dropped and that folder is kept.
+  this one's copy is dropped and that folder is kept. A given `tokenizer` (an
+  imported model's) is used as it is, not built from the text: `kind` and
+  `vocab_size` are its own, and a character it lacks is a UserError.
   """
+  if tokenizer is not None:
+    kind = tokenizer.kind
+    vocab_size = tokenizer.vocab_size if kind == "bpe" else 0
   if kind not in tokenizer_lib.KINDS:
     raise UserError(f"tokenizer {kind!r} is unknown; use one of "
                     f"{', '.join(tokenizer_lib.KINDS)}")
@@ -281,7 +288,14 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
   check_source(source.path)
   scan = _scan(source.path)
   n_train = int(train_fraction * scan.chars)
-  if kind == "char":
+  if tokenizer is not None:
+    tok = tokenizer
+    if kind == "char":
+      missing = tok.unknown("".join(map(chr, scan.codepoints.tolist())))
+      if missing:
+        raise UserError(f"{source.path} has characters outside the model's vocabulary: "
+                        f"{missing[:10]!r}; remove them or use another text")
+  elif kind == "char":
     tok = tokenizer_lib.CharTokenizer("".join(map(chr, scan.codepoints.tolist())))
   else:
     tok = _train_bpe(source.path, n_train, vocab_size, source.name)
@@ -295,7 +309,8 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
     writers = {s: _IdWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
     try:
       if kind == "char":
-        _encode_chars(source.path, n_train, scan.codepoints, writers)
+        vocab = np.fromiter(map(ord, tok.chars), np.uint32, len(tok.chars))
+        _encode_chars(source.path, n_train, vocab, writers)
       else:
         _encode_bpe(source.path, n_train, tok, writers)
     finally:

@@ -24,8 +24,8 @@ SHRINK = MODEL + ["--config.train.batch_size=4", "--config.train.steps=2",
 BENCH_SHRINK = MODEL + ["--config.train.batch_size=4", "--steps=2", "--sample_tokens=4",
                         "--repeats=1"]
 TWIN_SHRINK = ["--steps=2", "--warmup=1", "--sample_tokens=4", "--n_layer=1"]
-ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "benchmark.py", "torch_twin.py",
-         "plot.py", "sample.py", "evaluate.py")
+ORDER = ("prepare.py", "import_torch.py", "train.py", "sweep.py", "export_hf.py", "import_hf.py",
+         "benchmark.py", "torch_twin.py", "plot.py", "sample.py", "evaluate.py")
 # Files the docs name as a user's own (`--path=poems.txt`), and the named corpus that
 # stands for each here, so the command runs on what the run was trained on.
 USER_FILES = {"poems.txt": "frost"}
@@ -133,12 +133,18 @@ def _shrunk_in_place(args, tmp_path, workdirs):
   if tokens is not None:
     args = _replace(args, "config.data.tokens", workdirs[tokens])
   workdir = _flag(args, "workdir")
-  if script in ("train.py", "import_torch.py", "sweep.py") and workdir:
+  if script in ("train.py", "import_torch.py", "import_hf.py", "sweep.py") and workdir:
     workdirs.setdefault(workdir, tmp_path / Path(workdir).name)  # maybe a bare run's folder
   if workdir and script != "plot.py":
     args = _replace(args, "workdir", workdirs[workdir])
   if script == "train.py":
     return args + SHRINK
+  if script == "export_hf.py":  # a Hugging Face folder, which an import_hf.py command may name
+    out = _flag(args, "out")
+    workdirs[out] = tmp_path / f"hf_{Path(out).name}"
+    return _replace(args, "out", workdirs[out])
+  if script == "import_hf.py":
+    return _replace(args, "model", workdirs[_flag(args, "model")])
   if script == "sweep.py":  # each sweep's first value: one run
     return [a.split(",")[0] if a.startswith("--sweep=") else a for a in args] + SHRINK
   if script == "import_torch.py":
