@@ -32,13 +32,7 @@ from absl import flags  # noqa: E402
 from minigpt_jax.tools import evaluate  # noqa: E402
 from minigpt_jax.support import cli  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
-                                "(or pass --config).")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "In place of --workdir: the config file train.py ran with, for its "
-    "default run folder runs/<the file's stem>. --workdir, when given, wins.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
+_WORKDIR, _CONFIG, _STEP, _BEST = cli.define_checkpoint_flags()
 _EVAL_ITERS = flags.DEFINE_integer("eval_iters", None,
                                    "Batches per split (default: the run's eval_iters).")
 _PATH = flags.DEFINE_string("path", None, "Score every token of this UTF-8 text file instead "

@@ -23,13 +23,8 @@ from absl import flags  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 from minigpt_jax.support import cli  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
-                               "(or pass --config).")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "In place of --workdir: the config file train.py ran with, for its "
-    "default run folder runs/<the file's stem>. --workdir, when given, wins.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BEST = flags.DEFINE_bool("best", False, "Export the checkpoint with the lowest val loss.")
+_WORKDIR, _CONFIG, _STEP, _BEST = cli.define_checkpoint_flags(
+    "Export the checkpoint with the lowest val loss.")
 _OUT = flags.DEFINE_string("out", None, "New (or empty) folder to write.")
 flags.mark_flag_as_required("out")
 

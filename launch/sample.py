@@ -28,13 +28,7 @@ from minigpt_jax import sampling  # noqa: E402
 from minigpt_jax.support import cli, restore  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
-                                "(or pass --config).")
-_CONFIG = flags.DEFINE_string(
-    "config", None, "In place of --workdir: the config file train.py ran with, for its "
-    "default run folder runs/<the file's stem>. --workdir, when given, wins.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint with the lowest val loss.")
+_WORKDIR, _CONFIG, _STEP, _BEST = cli.define_checkpoint_flags()
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (empty: a newline).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "Tokens (characters, or BPE tokens) to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0).")

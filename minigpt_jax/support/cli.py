@@ -82,6 +82,18 @@ def _check_config_files() -> None:
       raise UserError(f"config file {path} could not be loaded: {e}") from None
 
 
+def define_checkpoint_flags(best_help: str = "Use the checkpoint with the lowest val loss."):
+  """--workdir, --config, --step and --best: a run and one of its checkpoints, as the
+  launchers that read a checkpoint (sample.py, evaluate.py, export_hf.py) take them."""
+  return (flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py "
+                              "(or pass --config)."),
+          flags.DEFINE_string(
+              "config", None, "In place of --workdir: the config file train.py ran with, for "
+              "its default run folder runs/<the file's stem>. --workdir, when given, wins."),
+          flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest)."),
+          flags.DEFINE_bool("best", False, best_help))
+
+
 def run_folder(workdir: str | None, config: str = "config") -> Path:
   """`workdir`, else runs/<stem of the --config file> in the current folder (nanoGPT's
   out_dir), so the bare `--config=configs/NAME.py` command names, and resumes, one folder."""
