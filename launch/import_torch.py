@@ -19,7 +19,9 @@ of --text (as the lecture builds it), a vocab.json written by our training
 too), or the meta.pkl of nanoGPT's data/shakespeare_char/prepare.py
 (--meta; read without running any code it names). The checkpoint is saved at
 step 0, so launch/train.py on the same workdir and config fine-tunes it (with
---ckpt: and the printed config.model values as --config.model.* flags).
+--ckpt: and the printed config.model values as --config.model.* flags). The
+run keeps dtype float32, so its greedy text is PyTorch's on every machine,
+unless --config.model.dtype asks for another.
 Reading the .pt file needs PyTorch (a CPU build is enough).
 """
 
@@ -141,6 +143,7 @@ def main():
   else:
     config_lib.validate(config)
     state_dict = _load_state_dict(state_dict_path)
+  config.model.dtype = torch_import.imported_dtype(config.model.dtype)  # torch's greedy text
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
   params = torch_import.convert(state_dict, model_cfg)
 

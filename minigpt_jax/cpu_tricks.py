@@ -8,7 +8,7 @@ JAX path. Each trick's figures are in docs/speed.md, with their commands.
 Owns: `Dense` (the kernel-gradient VJP), `slice_kernels` (batch-1 decode),
 `mean_over_devices` (the all-gather gradient mean), and `wait_each_call`,
 which follows the backend alone, as it avoids a deadlock. May import: JAX and
-Flax only, so the model, sampling, parallel and the loop can all use it.
+Flax and `products`, so the model, sampling, parallel and the loop can all use it.
 """
 
 import functools
@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
+
+from minigpt_jax import products
 
 SETTINGS = ("auto", "on", "off")
 INIT = nn.initializers.normal(stddev=0.02)  # the lecture's (and GPT-2's) weight init
@@ -85,8 +87,10 @@ class Dense(nn.Module):
     x_MK = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: no per-slice reshapes
     if isinstance(kernel, tuple):
       y = jnp.concatenate([_product(x_MK, k.astype(self.dtype)) for k in kernel], axis=-1)
-    else:
+    elif jnp.dtype(self.dtype) == jnp.float32:
       y = _matmul(x_MK, kernel, jnp.dtype(self.dtype))
+    else:  # both backward products in `dtype` too, in the forms XLA:CPU keeps
+      y = products.einsum("mk,kn->mn", x_MK, kernel, self.dtype, tricks=True)
     y = y.reshape(*x.shape[:-1], self.features)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
@@ -94,7 +98,10 @@ class Dense(nn.Module):
 
 
 def _dot_general_in(dtype, x, w, dimension_numbers, precision=None):
-  """nn.Dense's product with both operands cast to `dtype`, accumulated in float32."""
+  """nn.Dense's product with both operands cast to `dtype`, accumulated in float32; below
+  float32 its backward products too (`products`)."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return products.dot_general(x, w, dimension_numbers, dtype)
   return lax.dot_general(x.astype(dtype), w.astype(dtype), dimension_numbers,
                          precision=precision, preferred_element_type=jnp.float32)
 

@@ -103,12 +103,14 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
   profiler = profiling.StepProfiler(workdir, config.train.profile_steps, is_main, say)
   stack.callback(profiler.stop)
   step, processes = int(state.step), jax.process_count()
+  decode = precision.choose_decode(config.model.dtype)
   say(f"{'resuming from step ' + str(step) if meta else 'training from scratch'} in {workdir}: "
       f"{config.model.name}, {count_params(state.params):,} params, vocab "
       f"{corpus.tokenizer.vocab_size}, corpus {corpus.name} ({len(corpus.train_ids):,} train "
       f"/ {len(corpus.val_ids):,} val tokens), {jax.default_backend()} x {mesh.devices.size} "
       f"({processes} process{'es' if processes > 1 else ''}), dtype "
-      f"{state.model_cfg.dtype} ({precision.choose(config.model.dtype).reason})")
+      f"{state.model_cfg.dtype} ({precision.choose(config.model.dtype).reason}), decoding "
+      f"{decode.dtype} ({decode.reason})")
   bar = tqdm.tqdm(total=config.train.steps, initial=step, file=sys.stderr, unit="step",
                   disable=not (show_progress and is_main), dynamic_ncols=True, mininterval=0.5)
   return _Run(config, workdir, say, mesh, corpus, state, meta, mngr, writer, feed, evaluator,
@@ -267,6 +269,8 @@ def _summary(run: _Run) -> dict:
       "backend": jax.default_backend(),
       "dtype": precision.choose(run.config.model.dtype).dtype,  # "auto" resolved
       "dtype_reason": precision.choose(run.config.model.dtype).reason,
+      "decode_dtype": precision.choose_decode(run.config.model.dtype).dtype,
+      "decode_dtype_reason": precision.choose_decode(run.config.model.dtype).reason,
       "devices": run.mesh.devices.size,
       "mesh": dict(run.mesh.shape),  # {"data": D, "fsdp": F}
       # params + optimizer state on the fullest device: about 1/fsdp of the whole

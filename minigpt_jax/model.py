@@ -28,16 +28,16 @@ exp-sum and the loss's log-sum-exp are long reductions that lose the digits
 their results depend on; they cost little next to the products.
 Linear layers add their bias in float32 and round once to cfg.dtype, the head
 excepted, so q/k/v, attention weights, MLP activations, their dropout and the
-KV cache are cfg.dtype. Backward products meet a float32 cotangent: only
-`cpu_tricks.Dense` casts it to cfg.dtype; elsewhere XLA upcasts the other
-operand. In float32 all this is the plain float32 model.
+KV cache are cfg.dtype. Backward products cast the float32 cotangent to
+cfg.dtype, so dx and dW are cfg.dtype products too (`products`), with the
+CPU tricks on or off. In float32 all this is the plain float32 model.
 
 One GPT trains and decodes: given `cache` (from `init_cache`) and `pos`, the
 same modules take a few new tokens at window positions [pos, pos + T), keep
 their keys and values in the cache, and return (logits, cache).
 
 Owns: ModelConfig, the modules, the loss, init. May import: `cpu_tricks`
-(behind `ModelConfig.cpu_tricks`), `precision` (dtype "auto"), `settings`, JAX,
+(behind `ModelConfig.cpu_tricks`), `precision` (dtype "auto"), `products`, `settings`, JAX,
 Flax, optax.
 """
 
@@ -53,7 +53,7 @@ import optax
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from minigpt_jax import cpu_tricks, precision, settings
+from minigpt_jax import cpu_tricks, precision, products, settings
 from minigpt_jax.settings import boolean, one_of, positive_int, rule, setting
 
 _INIT = cpu_tricks.INIT
@@ -350,9 +350,9 @@ def init_cache(cfg: ModelConfig, batch_size: int):
 
 
 def _einsum(spec: str, a, b, cfg: ModelConfig) -> jax.Array:
-  """An einsum of operands cast to cfg.dtype, accumulated and returned in float32."""
-  return jnp.einsum(spec, a.astype(cfg.dtype), b.astype(cfg.dtype),
-                    preferred_element_type=jnp.float32)
+  """An einsum of operands cast to cfg.dtype, accumulated and returned in float32, its
+  backward products in cfg.dtype too (`products.einsum`)."""
+  return products.einsum(spec, a, b, cfg.dtype, cfg.cpu_tricks)
 
 
 def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool | None = None,

@@ -1,4 +1,4 @@
-"""`config.model.dtype = "auto"`: the compute dtype this machine runs fastest without harm.
+"""`config.model.dtype = "auto"`: the compute dtypes this machine trains and decodes fastest in.
 
 bfloat16 has float32's range, so it needs no loss scaling; it pays where the
 hardware multiplies it natively: TPUs, NVIDIA GPUs of compute capability 8.0
@@ -7,17 +7,28 @@ XLA uses them there, which only a measurement tells. Elsewhere bfloat16
 products are emulated and slower, so "auto" keeps float32. It never picks
 float16, which needs loss scaling (ask for it with --config.model.dtype).
 
-Owns: `choose` (a dtype setting to a dtype and the reason), `resolve`.
-May import: JAX and the standard library.
+Training and decoding are chosen apart: a train step's large products may
+pay in bfloat16 where a decode step's batch-1 products do not. On a CPU with
+bfloat16 units each is measured (`bf16_speedup`: a transformer layer's
+products as the train step forms them, forward and backward, and as the
+decoder does, one token at a time), once per CPU model and JAX version: the
+ratios are cached on disk (`cache_file`), so start-up stays fast.
+
+Owns: `choose` (training) and `choose_decode`: a dtype setting to a dtype and
+the reason; `resolve`. May import: JAX, `products` and the standard library.
 """
 
 import functools
+import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from minigpt_jax import products
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bfloat16 products
@@ -32,15 +43,23 @@ class Choice(NamedTuple):
 
 @functools.cache
 def choose(setting: str) -> Choice:
-  """The dtype of a `config.model.dtype` value and why; "auto" looks at the first device.
+  """The training dtype of a `config.model.dtype` value and why; "auto" looks at the first
+  device. Cached: a CPU measures at most once per process (and per machine: `cache_file`)."""
+  return _choose(setting, "train")
 
-  Cached: the CPU probe runs at most once per process.
-  """
+
+@functools.cache
+def choose_decode(setting: str) -> Choice:
+  """As `choose`, for decoding (sample.py, evaluate.py, the end-of-run sample)."""
+  return _choose(setting, "decode")
+
+
+def _choose(setting: str, kind: str) -> Choice:
   if setting != "auto":
     return Choice(setting, "asked for")
   device = jax.devices()[0]
   return pick(device.platform, getattr(device, "compute_capability", None), cpu_flags(),
-              bf16_speedup)
+              lambda: cached_speedup(kind), kind)
 
 
 def resolve(setting: str) -> str:
@@ -49,8 +68,9 @@ def resolve(setting: str) -> str:
 
 
 def pick(platform: str, capability: str | None, flags: set[str],
-         speedup: Callable[[], float]) -> Choice:
-  """The rules of "auto", pure but for `speedup()`, called only where they need a measurement."""
+         speedup: Callable[[], float], kind: str = "train") -> Choice:
+  """The rules of "auto", pure but for `speedup()` (bfloat16's speed over float32's at `kind`,
+  "train" or "decode"), called only where they need a measurement."""
   if platform == "tpu":
     return Choice("bfloat16", "TPUs multiply in bfloat16")
   if platform != "cpu":
@@ -61,11 +81,12 @@ def pick(platform: str, capability: str | None, flags: set[str],
   units = [flag for flag in BF16_UNITS if flag in flags]
   if not units:
     return Choice("float32", "this CPU has no AMX or AVX512-BF16")
-  ratio = speedup()
+  ratio, what = speedup(), {"train": "train-step", "decode": "decode-step"}[kind]
   if ratio >= MIN_SPEEDUP:
-    return Choice("bfloat16", f"CPU has {', '.join(units)}; bf16 products {ratio:.2f}x faster")
-  return Choice("float32", f"CPU has {', '.join(units)} but bf16 products are only {ratio:.2f}x "
-                f"as fast as float32 (under {MIN_SPEEDUP}x)")
+    return Choice("bfloat16", f"CPU has {', '.join(units)}; bf16 {what} products {ratio:.2f}x "
+                  "faster")
+  return Choice("float32", f"CPU has {', '.join(units)} but bf16 {what} products are only "
+                f"{ratio:.2f}x as fast as float32 (under {MIN_SPEEDUP}x)")
 
 
 def _version(capability: str | None) -> tuple[int, ...]:
@@ -89,22 +110,72 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
   return set()
 
 
-def bf16_speedup(shape=(4096, 256, 1024), repeats: int = 3) -> float:
-  """float32 time over bfloat16 time of one [M, K] x [K, N] product accumulated in float32.
+def cache_file(environ=os.environ) -> Path:
+  """Where measured ratios are kept: beside the compile cache (support/compile_cache.py)."""
+  if environ.get("MINIGPT_CACHE_DIR"):
+    return Path(environ["MINIGPT_CACHE_DIR"]).expanduser() / "precision.json"
+  base = environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base).expanduser() / "minigpt_jax" / "precision.json"
 
-  A transformer-sized product, as the model's dense layers take it; each
-  dtype compiles and warms up once, then the best of `repeats` counts.
+
+def cached_speedup(kind: str, path: Path | None = None, measure=None) -> float:
+  """`bf16_speedup(kind)`, measured once per CPU model, flags and JAX version."""
+  path = path or cache_file()
+  units = ",".join(sorted(set(BF16_UNITS) & cpu_flags()))
+  key = f"{kind} {_cpu_model()} ({units}) jax {jax.__version__}"
+  try:
+    known = json.loads(path.read_text())
+  except (OSError, ValueError):
+    known = {}
+  if key not in known:
+    known[key] = (measure or bf16_speedup)(kind)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(known, indent=1))
+    except OSError:
+      pass  # a read-only home: measured again next time
+  return known[key]
+
+
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+  try:
+    lines = cpuinfo.read_text().splitlines()
+  except OSError:
+    return "unknown"
+  return next((line.partition(":")[2].strip() for line in lines
+               if line.startswith("model name")), "unknown")
+
+
+def bf16_speedup(kind: str = "train", width: int = 256, rows: int = 4096,
+                 repeats: int = 3) -> float:
+  """float32 time over bfloat16 time of a transformer MLP's products, as `kind` runs them.
+
+  "train": [rows, width] through width -> 4 width -> width, forward and both
+  backward products (`products.einsum`, the tricks' forms). "decode": the
+  same layers' forward for 8 batch-1 tokens in a row. Each dtype compiles and
+  warms up once, then the best of `repeats` counts.
   """
-  M, K, N = shape
-  product = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  rows = rows if kind == "train" else 1
+
+  def mlp(x, w1, w2, dtype):
+    h = jax.nn.relu(products.einsum("mk,kn->mn", x, w1, dtype, True))
+    return products.einsum("mk,kn->mn", h, w2, dtype, True)
+
+  def run(x, w1, w2, dtype):
+    if kind == "train":
+      return jax.grad(lambda ws: mlp(x, *ws, dtype).sum())((w1, w2))
+    return jax.lax.fori_loop(0, 8, lambda _, x: mlp(x, w1, w2, dtype), x)
+
   best = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    a_MK, b_KN = jnp.ones((M, K), dtype), jnp.ones((K, N), dtype)
-    product(a_MK, b_KN).block_until_ready()
+    step = jax.jit(functools.partial(run, dtype=dtype))
+    args = (jnp.ones((rows, width)), jnp.full((width, 4 * width), 0.01),
+            jnp.full((4 * width, width), 0.01))
+    jax.block_until_ready(step(*args))
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
-      product(a_MK, b_KN).block_until_ready()
+      jax.block_until_ready(step(*args))
       times.append(time.perf_counter() - start)
     best[dtype] = min(times)
   return best[jnp.float32] / best[jnp.bfloat16]

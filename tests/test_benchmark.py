@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from minigpt_jax import precision
 from minigpt_jax.errors import UserError
 from minigpt_jax.support import hugepages
 from minigpt_jax.tools import benchmark
@@ -21,7 +21,7 @@ SHRINK = ["--config.model.n_layer=1", "--config.model.n_embed=32", "--config.mod
           "--config.train.batch_size=4", "--steps=3", "--sample_tokens=8"]
 TINY = ["--config=configs/frost_cpu.py", *SHRINK]
 FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size", "dtype",
-          "dtype_reason",
+          "dtype_reason", "decode_dtype", "decode_dtype_reason",
           "batch_size", "block_size", "steps", "steps_per_dispatch", "sample_tokens",
           "compile_s", "steps_per_s", "tokens_per_s", "flops_per_token", "achieved_flops", "mfu",
           "sample_naive_tok_per_s", "sample_kv_tok_per_s", "sample_kv_batch16_tok_per_s",
@@ -33,6 +33,12 @@ RATIOS = ("train_speedup", "sample_kv_speedup_vs_torch_naive",
 TORCH_FIELDS = {"torch_command", "torch_mode", "torch_impl", "torch_threads", "torch_params",
                 "torch_steps_per_s", "torch_tokens_per_s", "torch_naive_sample_tok_per_s",
                 *RATIOS, *(f"{r}_runs" for r in RATIOS)}
+
+
+def _auto_reason(kind: str) -> str:
+  """The form of a CPU's "auto" reason (precision.pick), measured or not."""
+  measured = rf"bf16 {kind}-step products (\d+\.\d\dx faster|are only \d+\.\d\dx as fast.*)"
+  return rf"this CPU has no AMX or AVX512-BF16|CPU has [\w, ]+(; | but ){measured}"
 
 
 def _cli(*args):
@@ -50,9 +56,9 @@ def _json_line(result) -> dict:
 def test_cli_prints_one_json_line_with_the_documented_fields():
   out = _json_line(_cli(*TINY, "--config.train.steps_per_dispatch=2", "--config.model.dtype=auto"))
   assert set(out) == FIELDS
-  # "auto" may rest on a measurement, which a second call would not repeat exactly: its form
-  assert out["dtype"] in precision.DTYPES and out["dtype"] != "auto"
-  assert isinstance(out["dtype_reason"], str) and out["dtype_reason"].strip()
+  for kind, field in (("train", "dtype"), ("decode", "decode_dtype")):  # the form, not a rerun
+    assert re.fullmatch(_auto_reason(kind), out[f"{field}_reason"]), out[f"{field}_reason"]
+    assert out[field] == ("bfloat16" if out[f"{field}_reason"].endswith("faster") else "float32")
   assert out["config"] == "frost_cpu" and out["backend"] == "cpu"
   assert out["steps"] == 4  # 3 steps asked, run in calls of 2
   assert out["steps_per_dispatch"] == 2 and out["repeats"] == 1

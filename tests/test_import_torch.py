@@ -16,7 +16,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from configs import bigram as bigram_config, frost_cpu
-from minigpt_jax import sampling
+from minigpt_jax import precision, sampling
 from minigpt_jax.support import restore
 from minigpt_jax.tools import torch_import
 from minigpt_jax.data import CharTokenizer
@@ -331,6 +331,11 @@ def _nanogpt_files(tmp_path, bias, compiled=False):
   return forward, ckpt, meta
 
 
+def test_imported_runs_keep_float32_unless_asked():
+  assert torch_import.imported_dtype("auto") == "float32"
+  assert torch_import.imported_dtype("bfloat16") == "bfloat16"
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_nanogpt_ckpt_gives_torchs_logits_and_greedy_text(bias, tmp_path):
   """The launcher's steps in-process: torch.load(weights_only), meta.pkl, model_args, convert."""
@@ -356,16 +361,23 @@ def test_nanogpt_ckpt_gives_torchs_logits_and_greedy_text(bias, tmp_path):
       forward, T, PROMPT, num_tokens)
 
 
-def test_nanogpt_ckpt_cli_imports_a_workdir_that_samples_torchs_text(tmp_path):
-  """The one CLI run: --ckpt and --meta with a config that has none of nanoGPT's sizes."""
+def test_nanogpt_ckpt_cli_imports_a_workdir_that_samples_torchs_text(tmp_path, monkeypatch):
+  """The one CLI run: --ckpt and --meta with a config that has none of nanoGPT's sizes. The
+  run is saved in float32, so it decodes in float32 where "auto" would pick bfloat16."""
   forward, ckpt, meta = _nanogpt_files(tmp_path, bias=False)
   workdir = tmp_path / "imported"
   result = _cli("import_torch.py", f"--ckpt={ckpt}", f"--meta={meta}",
                 "--config=configs/frost_cpu.py", f"--workdir={workdir}")
   assert "n_layer=2, n_heads=2, n_embed=32, block_size=16, bias=False" in result.stderr
   assert "nanogpt layout" in result.stderr
+  assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == "float32"
+  bf16_auto = lambda setting: precision.Choice("bfloat16" if setting == "auto" else setting,
+                                               "a CPU with bfloat16 units")
+  monkeypatch.setattr(precision, "choose", bf16_auto)  # as "auto" may choose elsewhere
+  monkeypatch.setattr(precision, "choose_decode", bf16_auto, raising=False)
   cfg, params, tokenizer, step = restore.load(workdir)[1:]
   assert step == 0 and tokenizer.chars == TOKENIZER.chars
+  assert cfg.dtype == "float32"  # decodes as PyTorch computed, whatever "auto" would pick
   assert (cfg.activation, cfg.bias, cfg.tie_embeddings, cfg.block_size) == ("gelu", False,
                                                                              True, T)
   assert _logits_diff("nanogpt", forward, params, cfg) < 1e-4

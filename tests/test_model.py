@@ -246,9 +246,9 @@ def _dots(jaxpr):
 
 @pytest.mark.parametrize("tricks", [False, True])
 def test_bfloat16_products_accumulate_in_float32(tricks):
-  """A bf16 train step's products, as torch.autocast's: bf16 x bf16 forward, every product
-  with a bf16 operand accumulating in float32, none all float32, float32 gradients. With the
-  tricks on, each Linear's two backward products take bf16 too (the cotangent cast)."""
+  """A bf16 train step's products, as torch.autocast's: every product, forward and both
+  backward (dx and dW of each Linear, attention both ways, the head), is bf16 x bf16
+  accumulating in float32, with the tricks on or off; the gradients are float32."""
   cfg = _tiny("gpt", dtype="bfloat16", cpu_tricks=tricks, dropout=0.1)
   model = build_model(cfg)
   params = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
@@ -257,18 +257,16 @@ def test_bfloat16_products_accumulate_in_float32(tricks):
                                              rngs={"dropout": jax.random.key(1)}), idx_BT)
   dots = list(_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
   operands = [tuple(v.aval.dtype for v in eqn.invars) for eqn in dots]
-  assert all(jnp.bfloat16 in dtypes for dtypes in operands), operands
   assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in dots)
   linears, attention = 4 * cfg.n_layer + 1, 2 * cfg.n_layer  # the head is a Linear
-  bf16_bf16 = operands.count((jnp.bfloat16, jnp.bfloat16))
-  assert bf16_bf16 == linears + attention + (2 * linears if tricks else 0)
+  assert operands == [(jnp.bfloat16, jnp.bfloat16)] * 3 * (linears + attention), operands
   grads = jax.eval_shape(jax.grad(loss), params)
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
 def test_bfloat16_tricks_on_and_off_agree():
   """The same params give bf16 logits and gradients that agree with the switch on or off,
-  to bf16 rounding (the tricks round the Linear cotangents to bf16)."""
+  to bf16 rounding (both round the cotangents to bf16, in products of other forms)."""
   on, off = (_tiny("gpt", dtype="bfloat16", cpu_tricks=t) for t in (True, False))
   _, params = _setup(off)
   idx_BT = _tokens(jax.random.key(3), 2, off.block_size)

@@ -43,13 +43,36 @@ def test_cpu_flags_come_from_proc_cpuinfo_or_are_none(tmp_path):
   assert precision.cpu_flags(tmp_path / "absent") == set()  # not Linux
 
 
-def test_the_probe_times_both_dtypes():
-  assert precision.bf16_speedup(shape=(64, 32, 64), repeats=1) > 0
+@pytest.mark.parametrize("ratio", [1.6, 0.7])
+def test_training_and_decoding_are_chosen_apart(ratio):
+  """Each kind is measured on its own: bf16 may train faster and decode slower."""
+  flags = {"avx512_bf16"}
+  train = precision.pick("cpu", None, flags, lambda: ratio, "train")
+  decode = precision.pick("cpu", None, flags, lambda: 1 / ratio, "decode")
+  assert {train.dtype, decode.dtype} == {"bfloat16", "float32"}
+  assert "train-step" in train.reason and "decode-step" in decode.reason
+
+
+def test_measurements_are_cached_on_disk_per_kind(tmp_path):
+  calls = []
+  measure = lambda kind: calls.append(kind) or {"train": 1.5, "decode": 0.8}[kind]
+  path = tmp_path / "cache" / "precision.json"
+  for _ in range(2):
+    assert precision.cached_speedup("train", path, measure) == 1.5
+    assert precision.cached_speedup("decode", path, measure) == 0.8
+  assert calls == ["train", "decode"]  # the second start-up reads the file
+  assert precision.cache_file({"MINIGPT_CACHE_DIR": str(tmp_path)}) == tmp_path / "precision.json"
+
+
+@pytest.mark.parametrize("kind", ["train", "decode"])
+def test_the_probe_times_both_dtypes(kind):
+  assert precision.bf16_speedup(kind, width=32, rows=64, repeats=1) > 0
 
 
 def test_explicit_dtypes_pass_through_and_the_model_sees_a_concrete_one():
   for dtype in ("float32", "bfloat16", "float16"):
     assert precision.choose(dtype) == (dtype, "asked for")
+    assert precision.choose_decode(dtype) == (dtype, "asked for")
   config = config_lib.get_config()
   assert config.model.dtype == "auto"
   assert ModelConfig.from_config(config.model, 65).dtype == precision.resolve("auto")

@@ -49,7 +49,8 @@ def test_bfloat16_compute_learns_and_keeps_float32_params(tiny_config, tmp_path)
   assert floats and all(leaf.dtype == np.float32 for leaf in floats)
 
 
-def test_summary_has_the_documented_fields(tiny_config, tmp_path):
+def test_summary_has_the_documented_fields(tiny_config, tmp_path, monkeypatch):
+  tiny_config.model.dtype = "auto"
   summary = loop.train_and_evaluate(tiny_config, tmp_path, show_progress=False)
   written = json.loads((tmp_path / "summary.json").read_text())
   for field in ("step", "train_loss", "val_loss", "best_val_loss", "best_step", "wall_s",
@@ -59,6 +60,11 @@ def test_summary_has_the_documented_fields(tiny_config, tmp_path):
   assert written["best_val_loss"] <= written["val_loss"]
   assert written["dtype"] == precision.choose(tiny_config.model.dtype).dtype
   assert written["dtype_reason"] == precision.choose(tiny_config.model.dtype).reason
+  decode = precision.choose_decode("auto")
+  assert (written["decode_dtype"], written["decode_dtype_reason"]) == decode
+  # sample.py and evaluate.py load an "auto" run in the decoding choice, whatever training's
+  monkeypatch.setattr(precision, "choose_decode", lambda s: precision.Choice("bfloat16", "t"))
+  assert restore.load(tmp_path).model_cfg.dtype == "bfloat16"
   assert written["mesh"] == {"data": 1, "fsdp": 1}
   assert written["state_bytes_per_device"] > 3 * 4 * summary["num_params"]  # params, mu, nu
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_embed"] == 32

@@ -7,9 +7,10 @@ that the checkpoint fits the config first. Both skip damaged steps (one
 warning each) for the newest that restores.
 
 Owns: `Loaded`, `load`, `resume`, `clean_unfinished`. May import: model,
-config, tokenizer, parallel, errors, support.checkpoint.
+precision, config, tokenizer, parallel, errors, support.checkpoint.
 """
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from minigpt_jax import config as config_lib, parallel, tokenizer as tokenizer_lib
+from minigpt_jax import config as config_lib, parallel, precision, tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
 from minigpt_jax.support import checkpoint
@@ -62,6 +63,9 @@ def load(workdir: str | Path, step: int | None = None, best: bool = False,
     config_dict, vocab, _ = checkpoint.restore_json(mngr, step)
     vocab = tokenizer_lib.from_json(vocab)
     model_cfg = ModelConfig.from_config(config_dict["model"], vocab.vocab_size)
+    if config_dict["model"].get("dtype") == "auto":  # loaded to decode: the decoding choice
+      model_cfg = dataclasses.replace(
+          model_cfg, dtype=precision.choose_decode(config_dict["model"]["dtype"]).dtype)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

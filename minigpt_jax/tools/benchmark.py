@@ -19,6 +19,7 @@ May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, pr
 support.hugepages.
 """
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -209,7 +210,9 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
   trained = measure_train(config, steps)
   state = trained.pop("state")
   model_cfg = state.model_cfg
-  speeds = measure_sampling(model_cfg, state.params, sample_tokens, seed=config.seed)
+  decode = precision.choose_decode(config.model.dtype)
+  speeds = measure_sampling(dataclasses.replace(model_cfg, dtype=decode.dtype), state.params,
+                            sample_tokens, seed=config.seed)
   device = jax.local_devices()[0]
   devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)  # the run's mesh
   dtype = model_cfg.dtype
@@ -225,6 +228,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       "vocab_size": trained["vocab_size"],
       "dtype": dtype,
       "dtype_reason": precision.choose(config.model.dtype).reason,
+      "decode_dtype": decode.dtype,
+      "decode_dtype_reason": decode.reason,
       "batch_size": config.train.batch_size,
       "block_size": config.model.block_size,
       "steps": trained["steps"],

@@ -8,6 +8,8 @@ Owns: `done_line`, `plot_and_sample`, `sample_text`. May import: loop,
 sampling, train, support.files, tools.plotting.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -40,15 +42,17 @@ def plot_and_sample(end: loop.EndOfRun, sample_tokens: int) -> str | None:
     raise files.write_error(end.workdir / "loss.png", e) from None
   if not sample_tokens:
     return None
-  text = sample_text(end.state, end.tokenizer, sample_tokens)
+  text = sample_text(end.state, end.tokenizer, sample_tokens, end.summary.get("decode_dtype"))
   end.writer.write_text("sample", end.summary["step"], text)
   return text
 
 
-def sample_text(state: TrainState, tokenizer, num_tokens: int) -> str:
-  """The end-of-training sample, on this process' first device alone, from its own stream."""
+def sample_text(state: TrainState, tokenizer, num_tokens: int, dtype: str | None = None) -> str:
+  """The end-of-training sample, on this process' first device alone, from its own stream,
+  in `dtype` (the run's decoding dtype; None: its training dtype)."""
   params = jax.device_get(state.params)  # replicated: every process has them whole
-  generate = sampling.make_generate(state.model_cfg)
+  generate = sampling.make_generate(dataclasses.replace(state.model_cfg,
+                                                        dtype=dtype or state.model_cfg.dtype))
   prompt_ids, _ = sampling.encode_prompt(tokenizer, "")
   out = generate(params, prompt_ids, sample_key(state), num_tokens)
   return tokenizer.decode(np.asarray(out[0]))
