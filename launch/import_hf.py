@@ -65,6 +65,8 @@ def main():
   model = hf_import.read(folder, _MODEL.value)
   config = _CONFIG.value or config_lib.get_config()
   config.model.update(model.fields)
+  # float32 unless asked otherwise: transformers' greedy text, whatever "auto" would pick
+  config.model.dtype = imported.imported_dtype(config.model.dtype)
   tok = model.tokenizer
   config.data.update(tokenizer=tok.kind, vocab_size=tok.vocab_size if tok.kind == "bpe" else 0)
   config_lib.validate(config)

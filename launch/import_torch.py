@@ -143,7 +143,7 @@ def main():
   else:
     config_lib.validate(config)
     state_dict = _load_state_dict(state_dict_path)
-  config.model.dtype = torch_import.imported_dtype(config.model.dtype)  # torch's greedy text
+  config.model.dtype = imported.imported_dtype(config.model.dtype)  # torch's greedy text
   model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
   params = torch_import.convert(state_dict, model_cfg)
 

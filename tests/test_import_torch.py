@@ -18,7 +18,7 @@ from conftest import assert_one_line_error
 from configs import bigram as bigram_config, frost_cpu
 from minigpt_jax import precision, sampling
 from minigpt_jax.support import restore
-from minigpt_jax.tools import torch_import
+from minigpt_jax.tools import imported, torch_import
 from minigpt_jax.data import CharTokenizer
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, init_params
@@ -332,8 +332,8 @@ def _nanogpt_files(tmp_path, bias, compiled=False):
 
 
 def test_imported_runs_keep_float32_unless_asked():
-  assert torch_import.imported_dtype("auto") == "float32"
-  assert torch_import.imported_dtype("bfloat16") == "bfloat16"
+  assert imported.imported_dtype("auto") == "float32"
+  assert imported.imported_dtype("bfloat16") == "bfloat16"
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -5,7 +5,7 @@ imported params, its config and vocabulary), plus config.json and
 vocab.json, so launch/sample.py and evaluate.py read the folder and
 launch/train.py on it fine-tunes from step 0.
 
-Owns: `check_new`, `save_step0`. May import: train, checkpoint, files,
+Owns: `imported_dtype`, `check_new`, `save_step0`. May import: train, checkpoint, files,
 workdir_lock, errors.
 """
 
@@ -17,6 +17,15 @@ import jax.numpy as jnp
 from minigpt_jax import train
 from minigpt_jax.errors import UserError
 from minigpt_jax.support import checkpoint, files, workdir_lock
+
+
+def imported_dtype(setting: str) -> str:
+  """The dtype an imported model keeps: float32 unless one was asked for.
+
+  PyTorch's model ran in float32; "auto" could pick bfloat16 on a CPU or GPU
+  with bfloat16 units, and then greedy text would drift from PyTorch's.
+  """
+  return "float32" if setting == "auto" else setting
 
 
 def check_new(workdir: Path) -> None:

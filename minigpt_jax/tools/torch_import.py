@@ -82,15 +82,6 @@ _LECTURE_MODEL = {"activation": "relu", "bias": True, "qkv_bias": False,
                   "tie_embeddings": False, "position": "learned"}
 
 
-def imported_dtype(setting: str) -> str:
-  """The dtype an imported model keeps: float32 unless one was asked for.
-
-  PyTorch's model ran in float32; "auto" could pick bfloat16 on a CPU or GPU
-  with bfloat16 units, and then greedy text would drift from PyTorch's.
-  """
-  return "float32" if setting == "auto" else setting
-
-
 def layout(names) -> str:
   """'lecture', 'fused' or 'nanogpt', from the token embedding's name."""
   names = {n.removeprefix(_COMPILED_PREFIX) for n in names}
