@@ -15,7 +15,7 @@ decoder does, one token at a time), once per CPU model and JAX version: the
 ratios are cached on disk (`cache_file`), so start-up stays fast.
 
 Owns: `choose` (training) and `choose_decode`: a dtype setting to a dtype and
-the reason; `resolve`. May import: JAX, `products` and the standard library.
+the reason; `resolve`. May import: JAX, `products`, `support.files` and the standard library.
 """
 
 import functools
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from minigpt_jax import products
+from minigpt_jax.errors import UserError
+from minigpt_jax.support import files
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bfloat16 products
@@ -129,10 +131,10 @@ def cached_speedup(kind: str, path: Path | None = None, measure=None) -> float:
     known = {}
   if key not in known:
     known[key] = (measure or bf16_speedup)(kind)
-    try:
+    try:  # atomic: processes starting together never read half a file
       path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(known, indent=1))
-    except OSError:
+      files.write_text(path, json.dumps(known, indent=1))
+    except (OSError, UserError):
       pass  # a read-only home: measured again next time
   return known[key]
 
