@@ -3,6 +3,7 @@
   python launch/prepare.py --corpus=frost --tokenizer=char --out=tokens/frost_char
   python launch/prepare.py --path=my_text.txt --tokenizer=bpe --vocab_size=512 --out=tokens/mine
   python launch/train.py --config=configs/frost_cpu.py --config.data.tokens=tokens/frost_char ...
+  python launch/prepare.py --corpus=frost --init_from=runs/shakespeare_pretrain --out=tokens/frost_sp
 
 The folder holds train.bin and val.bin (uint16 ids, or uint32 past 65536
 tokens), tokenizer.json and meta.json (source sha256, tokenizer, token and
@@ -22,7 +23,7 @@ import _preamble  # noqa: F401  first: the installed package, or one error line
 from absl import flags  # noqa: E402
 
 from minigpt_jax import config as config_lib, data, prepare, tokenizer, tokens  # noqa: E402
-from minigpt_jax.support import cli  # noqa: E402
+from minigpt_jax.support import cli, transfer  # noqa: E402
 from minigpt_jax.errors import UserError  # noqa: E402
 
 _CORPUS = flags.DEFINE_string("corpus", None, "A corpus name of minigpt_jax/corpora.json.")
@@ -34,6 +35,9 @@ _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 0, "bpe: tokens in the vocabula
 _TRAIN_FRACTION = flags.DEFINE_float(
     "train_fraction", config_lib.get_config().data.train_fraction,
     "Share of the characters that are train (as config.data.train_fraction).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "A run's workdir: encode with its vocabulary (grown by the characters "
+    "it lacks; BPE as it is), for a run with config.train.init_from set to it.")
 _OUT = flags.DEFINE_string("out", None, "New folder to write.")
 flags.mark_flag_as_required("out")
 
@@ -55,9 +59,11 @@ def main():
       message = message.replace(f"config.data.{field}", f"--{field}")
     raise UserError(message) from None
   source, _ = tokens.config_source(config)
+  base = transfer.saved_tokenizer(_INIT_FROM.value) if _INIT_FROM.value else None
   start = time.perf_counter()
   meta = prepare.prepare(source, Path(_OUT.value), _TOKENIZER.value, _VOCAB_SIZE.value,
-                         _TRAIN_FRACTION.value)
+                         _TRAIN_FRACTION.value, tokenizer=base, extend=True,
+                         whose=f"{_INIT_FROM.value}'s")
   seconds = time.perf_counter() - start
   mb = meta["source"]["bytes"] / 1e6
   print(f"prepared {source.name} ({mb:.1f} MB, {meta['train']['chars'] + meta['val']['chars']:,}"

@@ -12,6 +12,7 @@ model, optimizer, settings, tokenizer, errors.
 """
 
 import importlib.util
+from pathlib import Path
 
 import ml_collections
 
@@ -74,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Trace N steps after the first (compiling) call with jax.profiler into
   # <workdir>/profile/, for TensorBoard's profile plugin and Perfetto; 0: off.
   config.train.profile_steps = 0
+  # Transfer (transfer.py): start from the params of another run's workdir (ours,
+  # or one import_torch.py or import_hf.py wrote); step, optimizer state, schedule
+  # and corpus start fresh. Used once: a rerun resumes the run's own checkpoint.
+  config.train.init_from = ""
+  config.train.init_from_step = "best"  # "best" | "latest" | a step number, e.g. "950"
 
   # Devices: a data x fsdp mesh (parallel.py). The batch is split over both axes;
   # along fsdp each weight matrix and its optimizer state are split too (FSDP).
@@ -167,6 +173,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(t.profile_steps, int) and t.profile_steps >= 0,
            "train.profile_steps", f"is {t.profile_steps!r}",
            "use 0 (off) or a positive count of steps to trace")
+  _require(isinstance(t.init_from, str), "train.init_from", f"is {t.init_from!r}",
+           "use a run's workdir, or \"\" to start from scratch")
+  _require(str(t.init_from_step) in ("best", "latest") or str(t.init_from_step).isdigit(),
+           "train.init_from_step", f"is {t.init_from_step!r}",
+           'use "best", "latest" or a step number of the init_from run')
   _require(t.sample_tokens >= 0, "train.sample_tokens",
            f"is {t.sample_tokens!r}", "use 0 (no sample) or a positive count")
   budget = config.data.device_budget_mb
@@ -249,27 +260,53 @@ def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int,
   return data, fsdp
 
 
-def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
-               where: str) -> None:
-  """Raises UserError naming the model fields, optimizer field or vocabulary that differ.
+def _model_differs(saved_model: dict, config, fix: str, what: str) -> None:
+  """A UserError naming the model fields (`fits` in model.ModelConfig) that differ.
 
-  The model fields compared are those that fix parameter shapes or the
-  computation (`fits` in model.ModelConfig). A saved config without a field
-  (an older version's) has the default's value.
+  Those fix parameter shapes or the computation. A saved config without a
+  field (an older version's) has the default's value.
   """
   defaults = get_config()
   differ = {}
   for field in (f.name for f in settings.declared(model.ModelConfig, "fits")):
-    saved = saved_config["model"].get(field, defaults.model[field])
+    saved = saved_model.get(field, defaults.model[field])
     if saved != config.model[field]:
       differ[field] = saved
   if differ:
     first = next(iter(differ))
     more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
     flags = " ".join(f"--config.model.{f}={v!r}" for f, v in differ.items())
+    raise UserError(f"{what} has config.model.{first}={differ[first]!r}{more} but this "
+                    f"config has {config.model[first]!r}; pass {flags} {fix}")
+
+
+def _same_path(a: str, b: str) -> bool:
+  return a == b or (bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve())
+
+
+def check_source_fits(saved_config: dict, config, where: str) -> None:
+  """Raises UserError naming the model field in which `config` differs from the
+  run it starts from (config.train.init_from). Dropout, dtype and the optimizer may differ.
+  """
+  _model_differs(saved_config["model"], config,
+                 "(the model of that run) or set config.train.init_from to a run of this "
+                 "model", f"the run in config.train.init_from ({where})")
+
+
+def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
+               where: str) -> None:
+  """Raises UserError naming the model fields, optimizer field, vocabulary or
+  init_from that differ between a checkpoint's saved config and `config`.
+  """
+  defaults = get_config()
+  _model_differs(saved_config["model"], config, "or use a new --workdir",
+                 f"checkpoint in {where}")
+  started_from = saved_config.get("train", {}).get("init_from", "")
+  if not _same_path(started_from, config.train.init_from):
     raise UserError(
-        f"checkpoint in {where} has config.model.{first}={differ[first]!r}{more} but this "
-        f"config has {config.model[first]!r}; pass {flags} or use a new --workdir")
+        f"checkpoint in {where} has config.train.init_from={started_from!r} but this config "
+        f"has {config.train.init_from!r}; a run starts from init_from once, at step 0: pass "
+        f"--config.train.init_from={started_from!r} to resume it, or use a new --workdir")
   field = optimizer.layout_change(saved_config["train"], config.train,
                                   saved_config["model"].get("dtype", defaults.model.dtype),
                                   config.model.dtype)
@@ -286,3 +323,17 @@ def check_fits(saved_config: dict, saved_vocab: dict, config, vocab: dict,
         f"checkpoint in {where} was trained with a different vocabulary "
         f"({saved_tok.describe()}) than this run's ({tok.describe()}); train on the same "
         "corpus and tokenizer (config.data) or use a new --workdir")
+
+
+def check_same_corpus(saved_meta: dict, name: str, sha256: str, where: str) -> None:
+  """Raises UserError when a checkpoint was trained on another text than `config.data` reads.
+
+  Checkpoints of older versions saved no sha256: they resume unchecked.
+  """
+  saved = saved_meta.get("corpus_sha256")
+  if saved and sha256 and saved != sha256:
+    raise UserError(
+        f"checkpoint in {where} was trained on {saved_meta.get('corpus', 'another text')} "
+        f"(sha256 {saved[:12]}) but this config reads {name} (sha256 {sha256[:12]}); a run "
+        "resumes only on its own text: rerun with its config.data, or train on the new text "
+        f"from its weights in a new --workdir with --config.train.init_from={where}")

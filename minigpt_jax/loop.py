@@ -3,8 +3,10 @@
 `train_and_evaluate(config, workdir)` is what launch/train.py runs:
 
 - set up (`_start`): the mesh and corpus, checked before anything compiles
-  (`make_mesh`, `tokens.load_corpus`); the workdir lock; a fresh state,
-  resumed from the newest checkpoint that restores (`restore.resume`); the
+  (`make_mesh`, `tokens.load_corpus`; with `config.train.init_from`, the
+  source run's vocabulary, `transfer.vocabulary_base`); the workdir lock; a
+  fresh state, resumed from the newest checkpoint that restores
+  (`restore.resume`), or else given the source's params (`transfer.start_from`); the
   batches (`batches.make`: drawn on device or gathered on the host);
 - the loop: `_Run.train_call` (one compiled call of `train.train_steps`),
   then when due `log_train`, `evaluate_and_save`, and the stop check that
@@ -33,7 +35,8 @@ from minigpt_jax import (batches, config as config_lib, cpu_tricks, evaluation, 
 from minigpt_jax import tokenizer as tokenizer_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import count_params
-from minigpt_jax.support import checkpoint, files, guards, profiling, restore, workdir_lock
+from minigpt_jax.support import (checkpoint, files, guards, profiling, restore, transfer,
+                                 workdir_lock)
 from minigpt_jax.support.metrics import MetricsWriter, bits_per_char
 from minigpt_jax.train import TrainState, create_train_state
 
@@ -74,7 +77,8 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
   """
   is_main = parallel.is_main_process()
   mesh = make_mesh(config)
-  corpus = tokens.load_corpus(config)
+  base, source = transfer.vocabulary_base(config, workdir, say)
+  corpus = tokens.load_corpus(config, base)
   vocab = corpus.tokenizer.to_json()
   workdir.mkdir(parents=True, exist_ok=True)
   stack.callback(workdir_lock.lock_run(workdir, is_main, say).release)
@@ -84,7 +88,10 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
   mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
   stack.callback(mngr.close)
   state = create_train_state(config, corpus.tokenizer.vocab_size, mesh)
-  state, meta = restore.resume(mngr, state, config, vocab, workdir, is_main, say)
+  state, meta = restore.resume(mngr, state, config, corpus, workdir, is_main, say)
+  origin = meta.get("init_from")  # a resumed transfer run's source, as it saved it
+  if not meta and source is not None:
+    state, origin = transfer.start_from(state, source, corpus.tokenizer)
   config_dict = config.to_dict()
   if is_main:
     files.write_json(workdir / "config.json", config_dict)
@@ -104,7 +111,13 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
   stack.callback(profiler.stop)
   step, processes = int(state.step), jax.process_count()
   decode = precision.choose_decode(config.model.dtype)
-  say(f"{'resuming from step ' + str(step) if meta else 'training from scratch'} in {workdir}: "
+  if meta:
+    started = f"resuming from step {step}" + (
+        f" of a run started from {origin['workdir']} step {origin['step']}" if origin else "")
+  else:
+    started = ("starting " + transfer.describe(origin, corpus.tokenizer.vocab_size) if origin
+               else "training from scratch")
+  say(f"{started} in {workdir}: "
       f"{config.model.name}, {count_params(state.params):,} params, vocab "
       f"{corpus.tokenizer.vocab_size}, corpus {corpus.name} ({len(corpus.train_ids):,} train "
       f"/ {len(corpus.val_ids):,} val tokens), {jax.default_backend()} x {mesh.devices.size} "
@@ -113,8 +126,10 @@ def _start(config, workdir: Path, stack: contextlib.ExitStack, say,
       f"{decode.dtype} ({decode.reason})")
   bar = tqdm.tqdm(total=config.train.steps, initial=step, file=sys.stderr, unit="step",
                   disable=not (show_progress and is_main), dynamic_ncols=True, mininterval=0.5)
+  lineage = {"corpus": corpus.name, "corpus_sha256": corpus.sha256,
+             **({"init_from": origin} if origin else {})}
   return _Run(config, workdir, say, mesh, corpus, state, meta, mngr, writer, feed, evaluator,
-              profiler, bar)
+              profiler, bar, lineage)
 
 
 class _Run:
@@ -122,8 +137,9 @@ class _Run:
 
   def __init__(self, config, workdir: Path, say, mesh: Mesh, corpus: tokens.Corpus,
                state: TrainState, meta: dict, mngr, writer: MetricsWriter, feed, evaluator,
-               profiler, bar):
+               profiler, bar, lineage: dict):
     self.config, self.workdir, self.say, self.mesh, self.corpus = config, workdir, say, mesh, corpus
+    self.lineage = lineage  # saved in every checkpoint's meta: the text, and init_from's source
     self.state, self.meta, self.step = state, meta, int(state.step)
     self.mngr, self.writer, self.profiler, self.bar = mngr, writer, profiler, bar
     self.batches = feed  # where each call's windows come from (batches.py)
@@ -179,7 +195,7 @@ class _Run:
         self.best = (losses["val"], self.step)
       self.meta = {"step": self.step, "train_loss": losses["train"],
                    "val_loss": losses["val"], "best_val_loss": self.best[0],
-                   "best_step": self.best[1]}
+                   "best_step": self.best[1], **self.lineage}
       self.writer.write("eval", self.step, train_loss=losses["train"], val_loss=losses["val"],
                         train_bpc=_bpc(self.corpus, losses["train"], "train"),
                         val_bpc=_bpc(self.corpus, losses["val"]), wall_s=self.clock.wall_s())
@@ -198,7 +214,8 @@ class _Run:
     """The checkpoint of a stop between evaluations: its losses are unmeasured."""
     self._check_finite()
     with self.clock.paused(self.state):
-      self.meta = {**self.meta, "step": self.step, "train_loss": None, "val_loss": None}
+      self.meta = {**self.meta, "step": self.step, "train_loss": None, "val_loss": None,
+                   **self.lineage}
       checkpoint.save(self.mngr, self.state, self.config_dict, self.vocab, self.meta)
 
   def _check_finite(self) -> None:
@@ -266,6 +283,7 @@ def _summary(run: _Run) -> dict:
       "vocab_size": corpus.tokenizer.vocab_size,
       "num_params": count_params(run.state.params),
       "corpus": corpus.name,
+      "init_from": run.lineage.get("init_from"),  # the run it started from, or None
       "backend": jax.default_backend(),
       "dtype": precision.choose(run.config.model.dtype).dtype,  # "auto" resolved
       "dtype_reason": precision.choose(run.config.model.dtype).reason,

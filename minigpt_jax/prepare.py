@@ -25,8 +25,8 @@ The folder is written under a temporary name and renamed when complete: a
 killed prepare leaves no folder that reads as prepared, and the next prepare of
 the same folder removes what a SIGKILL left (`remove_stale_temps`).
 
-Owns: the token folder format (`FORMAT`, `FILES`), `prepare`, its temp folders,
-`encode_chunks` (a text encoded as `prepare` would, streamed).
+Owns: the token folder format (`FORMAT`, `FILES`), `prepare`, its temp folders
+(`write_folder`), `encode_chunks` (a text encoded as `prepare` would, streamed).
 May import: numpy, tokenizer, errors.
 """
 
@@ -210,7 +210,7 @@ def encode_chunks(path: Path, tok,
 # -- Writing a folder ----------------------------------------------------------------------
 
 
-class _IdWriter:
+class IdWriter:
   """Appends ids to a .bin file in `dtype`, refusing an id the dtype cannot hold."""
 
   def __init__(self, path: Path, dtype: np.dtype):
@@ -263,14 +263,16 @@ def _train_bpe(path: Path, n_train: int, vocab_size: int, name: str):
 
 def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
             train_fraction: float = 0.9, replace_existing: bool = False,
-            tokenizer=None) -> dict:
+            tokenizer=None, extend: bool = False, whose: str = "the model's") -> dict:
   """Tokenizes `source` into the folder `out` (see the module docstring); returns its meta.
 
   `out` must not exist yet (or be empty). If another process completes the
   same folder first (`replace_existing=False` and a complete `out` appears),
   this one's copy is dropped and that folder is kept. A given `tokenizer` (an
-  imported model's) is used as it is, not built from the text: `kind` and
-  `vocab_size` are its own, and a character it lacks is a UserError.
+  imported model's, or a run's that another starts from) is used, not built
+  from the text: `kind` and `vocab_size` are its own. A character it lacks is
+  a UserError naming `whose` tokenizer, unless `extend` lets a character
+  vocabulary grow by them (`CharTokenizer.extended`: old ids keep their meaning).
   """
   if tokenizer is not None:
     kind = tokenizer.kind
@@ -278,7 +280,7 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
   if kind not in tokenizer_lib.KINDS:
     raise UserError(f"tokenizer {kind!r} is unknown; use one of "
                     f"{', '.join(tokenizer_lib.KINDS)}")
-  if kind == "bpe" and vocab_size < tokenizer_lib.min_bpe_vocab():
+  if tokenizer is None and kind == "bpe" and vocab_size < tokenizer_lib.min_bpe_vocab():
     raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE, which starts "
                     "from the 256 bytes; set vocab_size (--vocab_size, "
                     f"config.data.vocab_size) to {tokenizer_lib.min_bpe_vocab()} or more")
@@ -290,23 +292,22 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
   n_train = int(train_fraction * scan.chars)
   if tokenizer is not None:
     tok = tokenizer
-    if kind == "char":
-      missing = tok.unknown("".join(map(chr, scan.codepoints.tolist())))
-      if missing:
-        raise UserError(f"{source.path} has characters outside the model's vocabulary: "
-                        f"{missing[:10]!r}; remove them or use another text")
+    chars = "".join(map(chr, scan.codepoints.tolist()))
+    if kind == "char" and extend:
+      tok = tokenizer.extended(chars)
+    missing = tok.unknown(chars)
+    if missing:
+      more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+      raise UserError(f"{source.path} has characters that {whose} tokenizer cannot encode: "
+                      f"{''.join(missing[:10])!r}{more}; remove them or use another text")
   elif kind == "char":
     tok = tokenizer_lib.CharTokenizer("".join(map(chr, scan.codepoints.tolist())))
   else:
     tok = _train_bpe(source.path, n_train, vocab_size, source.name)
   dtype = dtype_for(tok.vocab_size)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  remove_stale_temps(out)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    writers = {s: _IdWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
+
+  def write_ids(tmp: Path) -> dict:
+    writers = {s: IdWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
     try:
       if kind == "char":
         vocab = np.fromiter(map(ord, tok.chars), np.uint32, len(tok.chars))
@@ -317,7 +318,7 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
       for w in writers.values():
         w.close()
     chars = {"train": n_train, "val": scan.chars - n_train}
-    meta = {
+    return {
         "format": FORMAT,
         "source": {"name": source.name, "path": str(source.path), "bytes": scan.bytes,
                    "sha256": scan.sha256},
@@ -327,6 +328,19 @@ def prepare(source: Source, out: Path, kind: str = "char", vocab_size: int = 0,
         "train_fraction": train_fraction,
         **{s: {"tokens": writers[s].count, "chars": chars[s]} for s in SPLITS},
     }
+
+  return write_folder(out, tok, replace_existing, write_ids)
+
+
+def write_folder(out: Path, tok, replace_existing: bool, write_ids) -> dict:
+  """Writes `out` under a temporary name: `write_ids(tmp)` writes the .bin files, returns meta."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  remove_stale_temps(out)
+  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    meta = write_ids(tmp)
     (tmp / "tokenizer.json").write_text(json.dumps(tok.to_json(), ensure_ascii=False) + "\n",
                                         encoding="utf-8")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -57,6 +57,14 @@ class CharTokenizer:
     """Characters of `text` outside the vocabulary, in order of first use."""
     return list(dict.fromkeys(c for c in text if c not in self._stoi))
 
+  def extended(self, chars) -> "CharTokenizer":
+    """This vocabulary plus the characters of `chars` it lacks, sorted, after its own.
+
+    Old ids keep their characters, so a model trained on this vocabulary reads
+    the new one (transfer.py grows its embedding by the new ids).
+    """
+    return CharTokenizer(self.chars + "".join(sorted(set(self.unknown("".join(chars))))))
+
   def encode(self, text: str) -> np.ndarray:
     missing = self.unknown(text)
     if missing:
@@ -97,7 +105,16 @@ class BpeTokenizer:
     return self.hf.get_vocab_size()
 
   def unknown(self, text: str) -> list[str]:
-    return []
+    """Characters of `text` that encode to the unknown token: none for byte-level BPE.
+
+    A tokenizer imported from Hugging Face may have one (WordPiece, or BPE
+    without byte fallback); each distinct character is encoded alone.
+    """
+    unk = json.loads(self.hf_json).get("model", {}).get("unk_token")
+    unk_id = None if unk is None else self.hf.token_to_id(unk)
+    if unk_id is None:
+      return []
+    return [c for c in dict.fromkeys(text) if unk_id in self.hf.encode(c).ids]
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.hf.encode(text).ids, dtype=np.int32)

@@ -12,9 +12,9 @@ a second run reuses it; a `path` text's sha256 is remembered there too
 `load_corpus(config)` is what training reads: the config checked against the
 data, and the folder's splits as a `Corpus`.
 
-Owns: `open_tokens`, the cache, which folder a config reads (`for_config`),
-`Corpus` and `load_corpus`. May import: numpy, config, data, prepare,
-tokenizer, errors, support.files.
+Owns: `open_tokens`, the cache, which folder a config reads (`for_config`), a
+folder in another run's vocabulary (`remap_chars`), `Corpus` and `load_corpus`.
+May import: numpy, config, data, prepare, tokenizer, errors, support.files.
 """
 
 import hashlib
@@ -148,22 +148,90 @@ def config_source(config) -> tuple[prepare.Source, str]:
   return prepare.Source(path, name), data.corpus_sha256(name)
 
 
-def for_config(config) -> tuple[Path, str]:
-  """(token folder, name for logs) that `config` trains on, preparing it into the cache if new."""
+def tokenizer_key(tok) -> str:
+  """A short digest of a tokenizer, for the names of folders encoded with it."""
+  return hashlib.sha256(json.dumps(tok.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+INHERITED = "config.train.init_from's"  # whose tokenizer a transfer run encodes with
+
+
+def for_config(config, base=None) -> tuple[Path, str]:
+  """(token folder, name for logs) that `config` trains on, preparing it into the cache if new.
+
+  With `base` (the tokenizer of the run that `config.train.init_from` names),
+  a corpus or path is encoded with that vocabulary, grown by the characters
+  it lacks; a token folder is checked against it in `load_corpus`.
+  """
   d = config.data
   if d.tokens:
     return Path(d.tokens), str(d.tokens)
   source, sha = config_source(config)
   folder = cache_dir() / cache_key(sha, d.tokenizer, d.vocab_size, d.train_fraction)
+  if base is not None:
+    folder = folder.with_name(f"{folder.name}-from{tokenizer_key(base)}")
   if not (folder / "meta.json").is_file():
     if folder.is_dir():  # written by hand or by an older layout: not ours to trust
       raise _bad(folder, "is incomplete (no meta.json)")
     try:
-      prepare.prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction)
+      prepare.prepare(source, folder, d.tokenizer, d.vocab_size, d.train_fraction,
+                      tokenizer=base, extend=True, whose=INHERITED)
     except UserError:
       if not (folder / "meta.json").is_file():  # else another process got there first
         raise
   return folder, source.name
+
+
+def remap_chars(folder: Path, meta: dict, old, new, out: Path) -> dict:
+  """Copies a character token folder into `out` with its ids in the vocabulary `new`.
+
+  `new` must hold every character of `old` (transfer: a source run's
+  vocabulary grown by the folder's new characters); each id becomes the id of
+  its character in `new`. Written as `prepare` writes a folder.
+  """
+  lut = new.encode(old.chars).astype(np.int64)  # old id -> new id
+  dtype = prepare.dtype_for(new.vocab_size)
+
+  def write_ids(tmp: Path) -> dict:
+    for split in prepare.SPLITS:
+      writer = prepare.IdWriter(tmp / f"{split}.bin", dtype)
+      try:
+        ids = np.memmap(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"),
+                        mode="r") if meta[split]["tokens"] else np.zeros(0, np.uint16)
+        for start in range(0, ids.size, prepare.CHUNK_BYTES):
+          writer.write(lut[ids[start:start + prepare.CHUNK_BYTES]].astype(dtype))
+      finally:
+        writer.close()
+    return {**meta, "dtype": dtype.name, "remapped_from": str(folder),
+            "tokenizer": {**meta["tokenizer"], "vocab_size": new.vocab_size}}
+
+  return prepare.write_folder(out, new, False, write_ids)
+
+
+def _in_vocabulary(folder: Path, prepared: Tokens, base) -> Path:
+  """`folder`, or its copy in the cache with ids in `base`'s vocabulary grown by its characters.
+
+  A BPE folder must have been prepared with `base` itself (launch/prepare.py
+  --init_from); a character folder is remapped once (`remap_chars`).
+  """
+  tok = prepared.tokenizer
+  fix = (f"prepare it with that run's vocabulary: python launch/prepare.py --path=TEXT "
+         f"--init_from=RUN --out=NEW_FOLDER, and train on NEW_FOLDER")
+  if tok.kind != base.kind or (tok.kind == "bpe" and tok != base):
+    raise UserError(f"token folder {folder} holds {tok.describe()} but the run in "
+                    f"config.train.init_from used {base.describe()}; {fix}")
+  grown = base.extended(tok.chars) if tok.kind == "char" else base
+  if grown == tok:
+    return folder
+  meta_key = hashlib.sha256(json.dumps(prepared.meta, sort_keys=True).encode()).hexdigest()
+  out = cache_dir() / f"remap-{meta_key[:16]}-to{tokenizer_key(grown)}"
+  if not (out / "meta.json").is_file():
+    try:
+      remap_chars(folder, prepared.meta, tok, grown, out)
+    except UserError:
+      if not (out / "meta.json").is_file():
+        raise
+  return out
 
 
 # The config's data fields that a token folder fixes, and their defaults.
@@ -201,21 +269,27 @@ class Corpus(NamedTuple):
   # 1.0 for characters; under 1 for BPE, whose losses are per token.
   tokens_per_char: float = 1.0
   train_tokens_per_char: float = 1.0
+  sha256: str = ""  # of the source text: a run resumes only on the text it started on
 
 
-def load_corpus(config) -> Corpus:
+def load_corpus(config, base=None) -> Corpus:
   """Checks `config` against the data, then memory-maps its token folder.
 
   The folder is `config.data.tokens`, or the corpus or path prepared once into
-  the cache (`for_config`). Every user mistake in the config or the data
-  fails here or in `loop.make_mesh`, in one line, before anything compiles.
+  the cache (`for_config`). With `base`, the ids are in that tokenizer's
+  vocabulary, grown by the characters it lacks (a run that starts from
+  another's weights). Every user mistake in the config or the data fails here
+  or in `loop.make_mesh`, in one line, before anything compiles.
   """
   config_lib.validate(config)
-  folder, name = for_config(config)
+  folder, name = for_config(config, base)
   prepared = open_tokens(folder)
   if config.data.tokens:
     adopt_folder_settings(prepared, config, str(folder))
+    if base is not None:
+      prepared = open_tokens(_in_vocabulary(folder, prepared, base))
   config_lib.validate_for_data(config, len(prepared.train), len(prepared.val))
   return Corpus(prepared.tokenizer, name, prepared.train, prepared.val,
                 tokens_per_char=prepared.tokens_per_char("val"),
-                train_tokens_per_char=prepared.tokens_per_char("train"))
+                train_tokens_per_char=prepared.tokens_per_char("train"),
+                sha256=prepared.meta["source"].get("sha256", ""))

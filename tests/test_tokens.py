@@ -126,7 +126,7 @@ def test_stream_decode_holds_a_character_cut_between_pieces():
 # --- Training reads token folders ---------------------------------------------
 
 
-def _old_load_corpus(config):
+def _old_load_corpus(config, base=None):
   """tokens.load_corpus as it was before token folders: the text, encoded whole in Python."""
   config_lib.validate(config)
   text, name = data.load_text(config)
@@ -246,7 +246,7 @@ def test_a_uint16_overflow_is_one_error_and_the_writer_refuses_one(folder, tmp_p
   (folder / "meta.json").write_text(json.dumps(meta))
   with pytest.raises(UserError, match="as uint16.*overflow"):
     tokens.open_tokens(folder)
-  writer = prepare_lib._IdWriter(tmp_path / "x.bin", np.dtype(np.uint16))
+  writer = prepare_lib.IdWriter(tmp_path / "x.bin", np.dtype(np.uint16))
   with pytest.raises(UserError, match="token id 65536 does not fit the uint16"):
     writer.write(np.array([1, 65536], np.uint32))
   writer.close()

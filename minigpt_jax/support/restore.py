@@ -89,11 +89,12 @@ def load(workdir: str | Path, step: int | None = None, best: bool = False,
     mngr.close()
 
 
-def resume(mngr, state, config, vocab: dict, workdir: Path, is_main: bool, log):
+def resume(mngr, state, config, corpus, workdir: Path, is_main: bool, log):
   """(state, meta) of the newest checkpoint that restores, or (state, {}) with none.
 
-  Each step must fit `config` and `vocab` (`config.check_fits`: a one-line
-  error naming the flag to pass). Damaged newer steps are one warning each,
+  Each step must fit `config` and the corpus's vocabulary (`config.check_fits`:
+  a one-line error naming the flag to pass) and have been trained on the same
+  text (`config.check_same_corpus`). Damaged newer steps are one warning each,
   and move to `<workdir>/damaged/`.
   """
   if not mngr.all_steps():
@@ -101,7 +102,9 @@ def resume(mngr, state, config, vocab: dict, workdir: Path, is_main: bool, log):
 
   def load_step(step):
     saved_config, saved_vocab, meta = checkpoint.restore_json(mngr, step)
-    config_lib.check_fits(saved_config, saved_vocab, config, vocab, str(workdir))
+    config_lib.check_same_corpus(meta, corpus.name, corpus.sha256, str(workdir))
+    config_lib.check_fits(saved_config, saved_vocab, config, corpus.tokenizer.to_json(),
+                          str(workdir))
     return checkpoint.restore_state(mngr, step, state), meta
 
   step, (state, meta) = checkpoint.restore_newest(mngr, load_step, warn=log)

@@ -70,7 +70,9 @@ def _score_text(state: TrainState, tokenizer, path: Path, batch_size: int, block
 def _score_corpus(state: TrainState, loaded: restore.Loaded, config, eval_iters,
                   stride) -> dict:
   """The run's splits, in its own eval mode (or "full" with a given stride)."""
-  corpus = tokens.load_corpus(config)
+  # A run started from another's weights encoded its text in that run's
+  # vocabulary, grown: the checkpoint's vocabulary encodes it the same.
+  corpus = tokens.load_corpus(config, loaded.tokenizer if config.train.init_from else None)
   if corpus.tokenizer != loaded.tokenizer:
     raise UserError(f"corpus {corpus.name} no longer has the vocabulary the checkpoint "
                     "was trained with; restore the corpus, or pass --path=FILE")

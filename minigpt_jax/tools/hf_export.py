@@ -67,6 +67,17 @@ def _bpc(loss, workdir: Path, tok, key: str):
   return metrics.bits_per_char(loss) if tok.kind == "char" else None
 
 
+def _started_from(meta: dict) -> list[str]:
+  """The card's line on the run this one started from (config.train.init_from), if any."""
+  source = meta.get("init_from")
+  if not source:
+    return []
+  val = source.get("val_loss")
+  return [f"- started from: {source['workdir']} at step {source['step']} (val loss "
+          f"{'n/a' if val is None else f'{val:.4f}'} on {source['corpus']}), then trained "
+          "on this corpus"]
+
+
 def card(loaded: restore.Loaded, meta: dict, workdir: Path, native: bool,
          command: str) -> str:
   """The model card: what the model is, what it was trained on, how well, how it was made."""
@@ -88,6 +99,7 @@ def card(loaded: restore.Loaded, meta: dict, workdir: Path, native: bool,
       f"- val loss at this step: {fmt(meta.get('val_loss'))}",
       f"- best val loss: {fmt(best)} (step {best_step}), "
       f"{fmt(_bpc(best, workdir, tok, 'best_val_bpc'))} bits per character",
+      *_started_from(meta),
       f"- made by: `{command}`", "",
       "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
       f"model = AutoModelForCausalLM.from_pretrained(DIR{trust})",
