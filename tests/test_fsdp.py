@@ -20,10 +20,10 @@ from test_parallel import ROOT, _assert_same_losses, _env, _losses, _two_process
 MESHES = {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}
 
 
-def _train(workdir, steps, data=1, fsdp=1):
+def _train(workdir, steps, data=1, fsdp=1, init_from=""):
   from minigpt_jax import loop
   config = config_from_flags(TINY_FLAGS)
-  config.train.steps = steps
+  config.train.update(steps=steps, init_from=str(init_from))
   config.parallel.update(data=data, fsdp=fsdp)
   return loop.train_and_evaluate(config, workdir, log=lambda line: None, show_progress=False)
 
@@ -40,6 +40,8 @@ def _runs(out: Path) -> None:
       shutil.copytree(out / name, out / "1x4_then_one")
       _train(out / "1x4_then_one", 20)
     _train(out / name, 20, data, fsdp)
+  for name, (data, fsdp) in {"transfer_one": (1, 1), "transfer_1x4": (1, 4)}.items():
+    _train(out / name, 10, data, fsdp, init_from=out / "one")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,12 @@ def test_fsdp_splits_params_and_optimizer_state(runs):
           for name in ("one", "2x2", "1x4")}
   assert 0.25 <= held["1x4"] / held["one"] < 0.3, held
   assert 0.5 <= held["2x2"] / held["one"] < 0.55, held
+
+
+def test_a_run_starts_from_another_runs_weights_split_over_fsdp(runs):
+  """init_from grafts the source's params shard by shard: the losses of one device."""
+  _assert_same_losses(_losses(runs / "transfer_1x4"), _losses(runs / "transfer_one"))
+  assert json.loads((runs / "transfer_1x4" / "summary.json").read_text())["init_from"]["step"] == 20
 
 
 @pytest.mark.parametrize("workdir", ["one_then_2x2", "1x4_then_one"])

@@ -111,6 +111,10 @@ def test_a_fine_tune_records_its_source_and_a_rerun_resumes_its_own_checkpoint(
   assert f"starting from {source} step 20" in lines[0] and repr("".join(sorted(NEW))) in lines[0]
   assert unbroken["init_from"]["workdir"] == str(source.resolve())
   assert unbroken["init_from"]["step"] == 20 and unbroken["vocab_size"] == 67 + len(NEW)
+  meta = checkpoint.restore_json(checkpoint.manager(tmp_path / "unbroken"), 40)[2]
+  assert meta["init_from"] == unbroken["init_from"]
+  from minigpt_jax.tools import hf_export
+  assert str(source.resolve()) in hf_export._started_from(meta)[0]  # the model card's line
   config.train.steps = 20
   loop.train_and_evaluate(config, tmp_path / "resumed", show_progress=False)
   moved = source.with_name(source.name + "-away")
