@@ -107,8 +107,8 @@ def _memmap_corpus(monkeypatch, tmp_path):
   """load_corpus's splits as uint16 memmaps of files in tmp_path (what token files give)."""
   real = tokens.load_corpus
 
-  def load(config):
-    corpus = real(config)
+  def load(config, base=None):
+    corpus = real(config, base)
     splits = {}
     for name, ids in (("train", corpus.train_ids), ("val", corpus.val_ids)):
       mm = np.memmap(tmp_path / f"{name}.bin", np.uint16, "w+", shape=ids.shape)

@@ -219,3 +219,17 @@ def test_init_from_is_checked_and_a_run_keeps_the_one_it_started_from(tmp_path):
   with pytest.raises(UserError) as e:
     transfer.vocabulary_base(config, tmp_path, print)
   _one_line(e, "the run's own --workdir")
+
+
+def test_an_imported_workdir_is_a_source_from_its_step_0(texts, tmp_path):
+  """import_torch.py and import_hf.py write step 0 without a val loss: "best" takes it."""
+  from minigpt_jax.tools import imported
+  config = _config(texts["source"])
+  tok = tokenizer_lib.CharTokenizer.from_text(texts["source"].read_text(encoding="utf-8"))
+  params = jax.device_get(train.create_train_state(config, tok.vocab_size).params)
+  imported.save_step0(config, tok, params, tmp_path / "imported", "model.pt")
+  fresh, state, corpus, record = _started(
+      _config(texts["target"], init_from=str(tmp_path / "imported")), tmp_path / "tuned")
+  assert (record["step"], record["val_loss"], record["corpus"]) == (
+      0, None, "imported from model.pt")
+  assert "step 0 (val loss n/a" in transfer.describe(record, corpus.tokenizer.vocab_size)
