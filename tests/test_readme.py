@@ -129,9 +129,9 @@ def _shrunk_in_place(args, tmp_path, workdirs):
     out = _flag(args, "out")
     workdirs[out] = tmp_path / f"tokens_{Path(out).name}"
     return _replace(args, "out", workdirs[out])
-  tokens = _flag(args, "config.data.tokens")
-  if tokens is not None:
-    args = _replace(args, "config.data.tokens", workdirs[tokens])
+  for field in ("config.data.tokens", "config.train.init_from"):  # a folder made above
+    if _flag(args, field) is not None:
+      args = _replace(args, field, workdirs[_flag(args, field)])
   workdir = _flag(args, "workdir")
   if script in ("train.py", "import_torch.py", "import_hf.py", "sweep.py") and workdir:
     workdirs.setdefault(workdir, tmp_path / Path(workdir).name)  # maybe a bare run's folder
