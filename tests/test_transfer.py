@@ -232,4 +232,5 @@ def test_an_imported_workdir_is_a_source_from_its_step_0(texts, tmp_path):
       _config(texts["target"], init_from=str(tmp_path / "imported")), tmp_path / "tuned")
   assert (record["step"], record["val_loss"], record["corpus"]) == (
       0, None, "imported from model.pt")
-  assert "step 0 (val loss n/a" in transfer.describe(record, corpus.tokenizer.vocab_size)
+  assert "step 0 (latest: no step there has a val loss, val loss n/a" in transfer.describe(
+      record, corpus.tokenizer.vocab_size)

@@ -36,15 +36,16 @@ class Source(NamedTuple):
   step: int
   val_loss: float | None  # at that step, as its run measured it
   corpus: str  # what the source trained on
-  why: str  # how the step was chosen, for the start-up line
+  why: str  # how the step was chosen (config.train.init_from_step), for the start-up line
   loaded: restore.Loaded
 
   def record(self, tokenizer) -> dict:
     """What summary.json and each checkpoint's meta keep of the source."""
     base = self.loaded.tokenizer
     new = tokenizer.chars[base.vocab_size:] if tokenizer.kind == "char" else ""
-    return {"workdir": str(self.workdir), "step": self.step, "val_loss": self.val_loss,
-            "corpus": self.corpus, "vocab_size": base.vocab_size, "new_chars": new}
+    return {"workdir": str(self.workdir), "step": self.step, "chosen": self.why,
+            "val_loss": self.val_loss, "corpus": self.corpus, "vocab_size": base.vocab_size,
+            "new_chars": new}
 
 
 def _saved_corpus(saved_config: dict, meta: dict) -> str:
@@ -184,7 +185,8 @@ def start_from(state, source: Source, tokenizer):
 def describe(record: dict, vocab_size: int) -> str:
   """The start-up line's words for the source of a run."""
   val = record.get("val_loss")
-  text = (f"from {record['workdir']} step {record['step']} (val loss "
+  chosen = f"{record['chosen']}, " if record.get("chosen") else ""
+  text = (f"from {record['workdir']} step {record['step']} ({chosen}val loss "
           f"{'n/a' if val is None else f'{val:.4f}'} on {record['corpus']})")
   new = record.get("new_chars", "")
   if new:
