@@ -215,8 +215,8 @@ def _in_vocabulary(folder: Path, prepared: Tokens, base) -> Path:
   --init_from); a character folder is remapped once (`remap_chars`).
   """
   tok = prepared.tokenizer
-  fix = (f"prepare it with that run's vocabulary: python launch/prepare.py --path=TEXT "
-         f"--init_from=RUN --out=NEW_FOLDER, and train on NEW_FOLDER")
+  fix = ("prepare it with that run's vocabulary: python launch/prepare.py --path=TEXT "
+         "--init_from=RUN --out=NEW_FOLDER, and train on NEW_FOLDER")
   if tok.kind != base.kind or (tok.kind == "bpe" and tok != base):
     raise UserError(f"token folder {folder} holds {tok.describe()} but the run in "
                     f"config.train.init_from used {base.describe()}; {fix}")
@@ -238,25 +238,32 @@ def _in_vocabulary(folder: Path, prepared: Tokens, base) -> Path:
 _FOLDER_FIELDS = {"tokenizer": "char", "vocab_size": 0, "train_fraction": 0.9}
 
 
-def adopt_folder_settings(tokens: Tokens, config, where: str) -> None:
-  """A folder named by `config.data.tokens` decides the tokenizer fields.
-
-  A field left at its default takes the folder's value (so `config.json`
-  records it); one set to something else must agree with the folder.
+def adopt_settings(config, have: dict, owner: str, fix: str) -> None:
+  """`owner` (a token folder, or the run a transfer starts from) decides config.data's
+  tokenizer fields in `have`: a field left at its default takes `owner`'s value (so
+  `config.json` records it); one set to something else must agree with it.
   """
-  d, meta = config.data, tokens.meta
-  have = {"tokenizer": meta["tokenizer"]["kind"],
-          "vocab_size": meta["tokenizer"]["vocab_size"] if meta["tokenizer"]["kind"] == "bpe"
-          else 0,
-          "train_fraction": meta["train_fraction"]}
-  differ = {k: v for k, v in have.items()
-            if d[k] != v and d[k] != _FOLDER_FIELDS[k]}
+  d = config.data
+  differ = {k: v for k, v in have.items() if d[k] != v and d[k] != _FOLDER_FIELDS[k]}
   if differ:
     first = next(iter(differ))
-    raise UserError(f"token folder {where} has {first}={differ[first]!r} but "
-                    f"config.data.{first} is {d[first]!r}; drop --config.data.{first}, or "
-                    "prepare the folder with this config's settings")
+    raise UserError(f"{owner} has {first}={differ[first]!r} but config.data.{first} is "
+                    f"{d[first]!r}; drop --config.data.{first}{fix}")
   d.update(have)
+
+
+def tokenizer_settings(tok) -> dict:
+  """The config.data fields a tokenizer fixes."""
+  return {"tokenizer": tok.kind, "vocab_size": tok.vocab_size if tok.kind == "bpe" else 0}
+
+
+def adopt_folder_settings(tokens: Tokens, config, where: str) -> None:
+  """A folder named by `config.data.tokens` decides the tokenizer fields (`adopt_settings`)."""
+  meta = tokens.meta["tokenizer"]
+  have = {"tokenizer": meta["kind"], "vocab_size": meta["vocab_size"] if meta["kind"] == "bpe"
+          else 0, "train_fraction": tokens.meta["train_fraction"]}
+  adopt_settings(config, have, f"token folder {where}",
+                 ", or prepare the folder with this config's settings")
 
 
 class Corpus(NamedTuple):

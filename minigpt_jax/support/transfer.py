@@ -14,18 +14,18 @@ the run has saved a checkpoint, a rerun resumes that, with the vocabulary it
 saved, and never reads the source again.
 
 Owns: `Source`, `find_source`, `saved_tokenizer`, `vocabulary_base`, `graft`,
-`start_from`, `describe`. May import: config, tokenizer, support (checkpoint,
-restore), errors.
+`start_from`, `describe`. May import: config, tokenizer, tokens, support
+(checkpoint, restore), errors.
 """
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from minigpt_jax import config as config_lib, tokenizer as tokenizer_lib
+from minigpt_jax import config as config_lib, tokenizer as tokenizer_lib, tokens
 from minigpt_jax.errors import UserError
 from minigpt_jax.support import checkpoint, restore
 
@@ -99,14 +99,9 @@ def find_source(config, warn) -> Source:
 
 def _adopt_tokenizer(config, tok) -> None:
   """The source's tokenizer decides config.data's tokenizer fields (as a token folder does)."""
-  d = config.data
-  have = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size if tok.kind == "bpe" else 0}
-  for field, default in (("tokenizer", "char"), ("vocab_size", 0)):
-    if d[field] not in (have[field], default):
-      raise UserError(f"config.data.{field} is {d[field]!r} but the run in "
-                      f"config.train.init_from used {tok.describe()}, which this run keeps; "
-                      f"drop --config.data.{field}")
-  d.update(have)
+  tokens.adopt_settings(config, tokens.tokenizer_settings(tok),
+                        f"the run in config.train.init_from ({tok.describe()})",
+                        " (a transfer keeps the source's tokenizer)")
 
 
 def saved_tokenizer(workdir: str | Path):
