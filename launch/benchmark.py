@@ -2,6 +2,7 @@
 
   python launch/benchmark.py --config=configs/frost_cpu.py [--steps=100] [--sample_tokens=500]
   python launch/benchmark.py --config=configs/frost_cpu.py --compare-torch --repeats=3
+  python launch/benchmark.py --config=configs/frost_t4.py --steps=10 --op_time
   python launch/benchmark.py --suite=gpu
 
 Fields: config, backend, device_kind, params, compile_s (lower + compile of the
@@ -9,7 +10,11 @@ train step), steps_per_s and tokens_per_s (steady state, in calls of
 config.train.steps_per_dispatch steps), flops_per_token (6N + 12LTC, see
 minigpt_jax/tools/benchmark.py), achieved_flops, mfu (null on CPU or an unknown
 GPU), sample_naive_tok_per_s, sample_kv_tok_per_s, sample_kv_batch16_tok_per_s
-(from a 1-token prompt, compile excluded), peak_memory_bytes and
+(from a 1-token prompt, compile excluded), op_ms_per_step (null unless
+--op_time: one more compiled call of the train step runs under jax.profiler, and
+this is its ops' time in ms a step by model part, products, optimizer,
+dropout, casts, copies, layernorm, softmax and other, summed over threads:
+minigpt_jax/tools/op_time.py), peak_memory_bytes and
 peak_memory_source ("device" or "host_rss"), dtype (the compute dtype, "auto"
 resolved by minigpt_jax/precision.py) and dtype_reason, and extras (devices,
 vocab_size, batch_size, block_size, steps, steps_per_dispatch, sample_tokens,
@@ -62,6 +67,8 @@ _STEPS = flags.DEFINE_integer("steps", 100, "Timed training steps (after a warm-
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 500, "New tokens per timed sample.")
 _COMPARE = flags.DEFINE_bool("compare-torch", False,
                              "Also time the PyTorch twin of the config and report the ratios.")
+_OP_TIME = flags.DEFINE_bool("op_time", False, "Also trace one compiled call of the train step "
+                             "and add op_ms_per_step: its ops' time by model part.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Measurements (ours, then torch) to take medians of.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Split the CPU into N devices, data-parallel, as train.py does.")
@@ -112,7 +119,7 @@ def main():
 
   runs, pairs = [], []
   for _ in range(_REPEATS.value):
-    ours = benchmark.measure(config, _STEPS.value, _SAMPLE_TOKENS.value)
+    ours = benchmark.measure(config, _STEPS.value, _SAMPLE_TOKENS.value, _OP_TIME.value)
     runs.append(ours)
     if _COMPARE.value:
       pairs.append((ours, benchmark.run_torch(twin)))

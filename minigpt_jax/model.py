@@ -27,8 +27,9 @@ would drop each block's small update, and LayerNorm's variance, softmax's
 exp-sum and the loss's log-sum-exp are long reductions that lose the digits
 their results depend on; they cost little next to the products.
 Linear layers add their bias in float32 and round once to cfg.dtype, the head
-excepted, so q/k/v, attention weights, MLP activations, their dropout and the
-KV cache are cfg.dtype. Backward products cast the float32 cotangent to
+excepted, so q/k/v, attention weights, MLP activations and the KV cache are
+cfg.dtype; where dropout follows (the attention weights, each branch's output)
+it falls on the float32 value before that rounding (`_dropout`). Backward products cast the float32 cotangent to
 cfg.dtype, so dx and dW are cfg.dtype products too (`products`), with the
 CPU tricks on or off. In float32 all this is the plain float32 model.
 
@@ -232,14 +233,13 @@ class CausalSelfAttention(nn.Module):
         scores_BHTT = _einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD, cfg) * D ** -0.5
         causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
         scores_BHTT = jnp.where(causal_TT, scores_BHTT, -jnp.inf)
-        weights_BHTT = jax.nn.softmax(scores_BHTT, axis=-1).astype(cfg.dtype)
-        weights_BHTT = Dropout(cfg.dropout)(weights_BHTT, deterministic)
+        weights_BHTT = _dropout(jax.nn.softmax(scores_BHTT, axis=-1), cfg, deterministic)
         y_BTHD = _einsum("bhqk,bkhd->bqhd", weights_BHTT, v_BTHD, cfg)
       y_BTC = y_BTHD.reshape(B, T, C)
     else:
       y_BTC, kv = _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg)
-    y_BTC = _dense(C, "proj", cfg)(y_BTC)
-    return Dropout(cfg.dropout)(y_BTC, deterministic), kv
+    y_BTC = _dense(C, "proj", cfg, out_dtype=jnp.float32)(y_BTC)
+    return _dropout(y_BTC, cfg, deterministic), kv
 
 
 def _cached_attention(q_BTHD, k_BTHD, v_BTHD, kv, pos, cfg):
@@ -272,8 +272,8 @@ class MLP(nn.Module):
     C = x_BTC.shape[-1]
     h_BTF = _dense(4 * C, "fc", self.cfg)(x_BTC)
     h_BTF = _ACTIVATIONS[self.cfg.activation](h_BTF)
-    y_BTC = _dense(C, "proj", self.cfg)(h_BTF)
-    return Dropout(self.cfg.dropout)(y_BTC, deterministic)
+    y_BTC = _dense(C, "proj", self.cfg, out_dtype=jnp.float32)(h_BTF)
+    return _dropout(y_BTC, self.cfg, deterministic)
 
 
 class Block(nn.Module):
@@ -310,8 +310,9 @@ class GPT(nn.Module):
     tok_embed = nn.Embed(cfg.vocab_size, cfg.n_embed, embedding_init=_INIT, name="tok_embed")
     x_BTC = tok_embed(idx_BT)
     if cfg.position == "learned":  # rope turns q and k in attention instead
-      x_BTC = x_BTC + nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
-                               name="pos_embed")(pos + jnp.arange(T))
+      positions_TC = nn.Embed(cfg.block_size, cfg.n_embed, embedding_init=_INIT,
+                              name="pos_embed")(pos + jnp.arange(T))
+      x_BTC = cpu_tricks.add_positions(x_BTC, positions_TC, cfg.cpu_tricks)
     new_cache = []
     for i in range(cfg.n_layer):
       kv = None if cache is None else cache[i]
@@ -362,6 +363,16 @@ def _dense(features: int, name: str, cfg: ModelConfig, use_bias: bool | None = N
   use_bias = cfg.bias if use_bias is None else use_bias
   layer = cpu_tricks.dense(features, name, cfg.dtype, use_bias, cfg.cpu_tricks)
   return lambda x: layer(x).astype(out_dtype or cfg.dtype)
+
+
+def _dropout(x_f32, cfg: ModelConfig, deterministic: bool) -> jax.Array:
+  """Dropout of a float32 result, then its one rounding to cfg.dtype (autocast's bf16 output).
+
+  Dropping before the cast keeps the mask multiply, forward and backward, in
+  float32 and fused with the cast; in bfloat16 on a CPU that saved the mask
+  multiplies' own passes (docs/speed.md). The masks are the same.
+  """
+  return Dropout(cfg.dropout)(x_f32, deterministic).astype(cfg.dtype)
 
 
 def _layer_norm(name: str, cfg: ModelConfig) -> nn.Module:

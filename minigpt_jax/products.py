@@ -21,6 +21,7 @@ Owns: `einsum`, `dot_general`. May import: JAX only.
 """
 
 import functools
+import math
 import string
 
 import jax
@@ -83,7 +84,7 @@ def _einsum_bwd(spec, dtype, tricks, in_dtypes, residuals, g):
 _einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
-def _product(spec: str, x, y, tricks: bool) -> jax.Array:
+def _product(spec: str, x, y, tricks: bool, swap: bool = True) -> jax.Array:
   """einsum(spec, x, y) in float32, as a dot whose left operand contracts over its last dims.
 
   The left operand is the one whose free dims lead the output, so XLA need
@@ -100,6 +101,13 @@ def _product(spec: str, x, y, tricks: bool) -> jax.Array:
   if first_free not in x_s:
     x_s, y_s, x, y = y_s, x_s, y, x
   if set(x_s[len(x_s) - len(contracted):]) != set(contracted):
+    sizes = dict(zip(x_s, x.shape)) | dict(zip(y_s, y.shape))
+    y_free = [c for c in out if c in y_s and c not in batch]
+    y_moves = y.size if set(y_s[len(y_s) - len(contracted):]) != set(contracted) else 0
+    if tricks and swap and y_free and y_moves + math.prod(sizes[c] for c in out) < x.size:
+      swapped = "".join(batch + y_free + [c for c in out if c in x_s and c not in batch])
+      r = _product(f"{y_s},{x_s}->{swapped}", y, x, tricks, swap=False)
+      return jnp.transpose(lax.optimization_barrier(r), [swapped.index(c) for c in out])
     order = ([i for i, c in enumerate(x_s) if c not in contracted]
              + [x_s.index(c) for c in contracted])  # y's order of the contracted dims
     x = _transposed_copy(x, order) if tricks else jnp.transpose(x, order)

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error
 from minigpt_jax.errors import UserError
 from minigpt_jax.support import hugepages
-from minigpt_jax.tools import benchmark
+from minigpt_jax.tools import benchmark, op_time
 from minigpt_jax.model import ModelConfig
 from configs import shakespeare_cpu_speedrun as speedrun
 
@@ -25,7 +25,8 @@ FIELDS = {"config", "backend", "device_kind", "devices", "params", "vocab_size",
           "batch_size", "block_size", "steps", "steps_per_dispatch", "sample_tokens",
           "compile_s", "steps_per_s", "tokens_per_s", "flops_per_token", "achieved_flops", "mfu",
           "sample_naive_tok_per_s", "sample_kv_tok_per_s", "sample_kv_batch16_tok_per_s",
-          "peak_memory_bytes", "peak_memory_source", "huge_pages", "compile_cache", "repeats",
+          "op_ms_per_step", "peak_memory_bytes", "peak_memory_source", "huge_pages",
+          "compile_cache", "repeats",
           "cpu_model", "cpu_extensions", "cpu_cores", "jax_version", "jaxlib_version",
           "torch_version"}
 RATIOS = ("train_speedup", "sample_kv_speedup_vs_torch_naive",
@@ -54,7 +55,8 @@ def _json_line(result) -> dict:
 
 
 def test_cli_prints_one_json_line_with_the_documented_fields():
-  out = _json_line(_cli(*TINY, "--config.train.steps_per_dispatch=2", "--config.model.dtype=auto"))
+  out = _json_line(_cli(*TINY, "--config.train.steps_per_dispatch=2", "--config.model.dtype=auto",
+                        "--op_time"))
   assert set(out) == FIELDS
   for kind, field in (("train", "dtype"), ("decode", "decode_dtype")):  # the form, not a rerun
     assert re.fullmatch(_auto_reason(kind), out[f"{field}_reason"]), out[f"{field}_reason"]
@@ -76,6 +78,10 @@ def test_cli_prints_one_json_line_with_the_documented_fields():
   assert out["compile_cache"] is False  # compile_s is a compilation, not a cache load
   assert out["cpu_cores"] >= 1 and isinstance(out["cpu_extensions"], list)
   assert isinstance(out["jaxlib_version"], str)
+  # --op_time: the traced call's ops by model part; on XLA:CPU the products are found
+  assert list(out["op_ms_per_step"]) == list(op_time.PARTS)
+  assert out["op_ms_per_step"]["products"] > 0
+  assert all(ms >= 0 for ms in out["op_ms_per_step"].values())
 
 
 _CPUINFO = """processor\t: 0

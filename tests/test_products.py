@@ -101,6 +101,7 @@ def test_eval_step_and_decoder_multiply_in_bf16(tricks, tiny_config):
 
 @pytest.mark.parametrize("spec, shapes", [
     ("mk,kn->mn", [(6, 5), (5, 7)]),
+    ("mk,kn->mn", [(6, 7), (7, 2)]),  # with the tricks, dW from a copy of dy^T, the smaller
     ("bqhd,bkhd->bhqk", [(2, 4, 3, 5), (2, 4, 3, 5)]),
     ("bhqk,bkhd->bqhd", [(2, 3, 4, 4), (2, 4, 3, 5)]),
     ("btc,vc->btv", [(2, 3, 5), (7, 5)]),

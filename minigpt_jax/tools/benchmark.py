@@ -16,7 +16,7 @@ for like.
 Owns: timing of training and decoding, FLOP counts, the machine's description,
 the PyTorch twin's comparison.
 May import: loop, tokens, train, sampling, model, parallel, cpu_tricks, data, precision,
-support.hugepages.
+support.hugepages, tools.op_time.
 """
 
 import dataclasses
@@ -40,6 +40,7 @@ import ml_collections
 
 from minigpt_jax import cpu_tricks, data, loop, parallel, precision, sampling, tokens, train
 from minigpt_jax.support import hugepages
+from minigpt_jax.tools import op_time
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, build_model, count_params, init_params
 
@@ -110,13 +111,15 @@ def peak_memory() -> tuple[int, str]:
   return int(rss if sys.platform == "darwin" else rss * 1024), "host_rss"  # Linux: KiB
 
 
-def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
+def measure_train(config: ml_collections.ConfigDict, steps: int, trace: bool = False) -> dict:
   """Compile time and steady-state speed of `train.jit_train_steps` under `config`.
 
   The step function is lowered and compiled ahead of time (`compile_s`), run
   once as a warm-up, then timed over ceil(steps / K) calls of K =
   config.train.steps_per_dispatch steps each. Also returns the trained
-  `state` (for sampling) and the vocabulary size.
+  `state` (for sampling) and the vocabulary size; with `trace`, one more call
+  runs under the profiler, and `op_ms_per_step` is its ops' time by model
+  part (`op_time.by_part`), else None.
   """
   mesh = loop.make_mesh(config)
   corpus = tokens.load_corpus(config)
@@ -140,9 +143,13 @@ def measure_train(config: ml_collections.ConfigDict, steps: int) -> dict:
       jax.block_until_ready(metrics)
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
+  op_ms = None
+  if trace:
+    state, events = op_time.trace_calls(lambda s: run_steps(s, train_N), state, calls=1)
+    op_ms = op_time.by_part(events, run_steps.as_text(), steps=K)
   return {"state": state, "vocab_size": corpus.tokenizer.vocab_size, "compile_s": compile_s,
           "steps": calls * K, "steps_per_s": calls * K / seconds,
-          "tokens_per_s": calls * K * B * T / seconds}
+          "tokens_per_s": calls * K * B * T / seconds, "op_ms_per_step": op_ms}
 
 
 def measure_sampling(model_cfg: ModelConfig, params, num_tokens: int, seed: int = 0) -> dict:
@@ -205,9 +212,11 @@ def machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
           "torch_version": _version("torch")}
 
 
-def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -> dict:
-  """One full measurement of ours: training, sampling, FLOPs and memory."""
-  trained = measure_train(config, steps)
+def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int,
+            trace: bool = False) -> dict:
+  """One full measurement of ours: training, sampling, FLOPs and memory (`trace`:
+  measure_train's op times too)."""
+  trained = measure_train(config, steps, trace)
   state = trained.pop("state")
   model_cfg = state.model_cfg
   decode = precision.choose_decode(config.model.dtype)
@@ -243,6 +252,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, sample_tokens: int) -
       # tokens_per_s counts every device's tokens, so the peak is every device's too
       "mfu": None if peak is None else achieved / (peak * devices),
       **speeds,
+      "op_ms_per_step": trained["op_ms_per_step"],
       "peak_memory_bytes": memory,
       "peak_memory_source": memory_source,
       **machine(),
@@ -367,6 +377,9 @@ def summary_line(result: dict) -> str:
           f"kv x16 {result['sample_kv_batch16_tok_per_s']:,.0f}")
   if result.get("mfu") is not None:
     line += f"; MFU {100 * result['mfu']:.1f}%"
+  if result.get("op_ms_per_step"):
+    line += "; op ms a step: " + ", ".join(f"{part} {ms:.0f}"
+                                           for part, ms in result["op_ms_per_step"].items())
   if "train_speedup" in result:
     n = len(result["train_speedup_runs"])
     line += (f" | vs {result['torch_impl']} ({result['torch_mode']}"
