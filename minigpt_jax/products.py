@@ -92,6 +92,9 @@ def _product(spec: str, x, y, tricks: bool, swap: bool = True) -> jax.Array:
   last, it is transposed first: with `tricks` copied (`_transposed_copy`),
   so XLA:CPU keeps the dot in the operands' dtype, else plainly (XLA:CPU
   then multiplies in float32, where a folded transpose could not run).
+  With `tricks`, where copying the other operand and transposing the result
+  moves fewer elements, the product is formed that way round (an MLP
+  projection's dW = h^T dy as (dy^T h)^T: dy is a quarter of h's size).
   """
   ins, out = spec.split("->")
   x_s, y_s = ins.split(",")
@@ -107,6 +110,8 @@ def _product(spec: str, x, y, tricks: bool, swap: bool = True) -> jax.Array:
     if tricks and swap and y_free and y_moves + math.prod(sizes[c] for c in out) < x.size:
       swapped = "".join(batch + y_free + [c for c in out if c in x_s and c not in batch])
       r = _product(f"{y_s},{x_s}->{swapped}", y, x, tricks, swap=False)
+      # The barrier: a transpose folded into the dot sends it to XLA's DotThunk,
+      # which has no bf16 kernel (the module docstring).
       return jnp.transpose(lax.optimization_barrier(r), [swapped.index(c) for c in out])
     order = ([i for i, c in enumerate(x_s) if c not in contracted]
              + [x_s.index(c) for c in contracted])  # y's order of the contracted dims
